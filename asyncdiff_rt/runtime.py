@@ -1,0 +1,466 @@
+"""`AsyncDiff`: attach asynchronous denoising to an unchanged diffusers pipeline (DESIGN §2–3).
+
+Note [step ordering]
+    Every rank runs the pipeline's own loop, so every rank calls the denoiser once per step, in the same order.
+    At step k each rank looks up `Step` k of the schedule (schedule.py) and does the same collective calls in
+    the same order: ROUND -> its forward, one `exchange` of block outputs, one `broadcast` of ε (two with
+    stride_eps="fresh"); EXACT -> the sequential forward, one `broadcast` of ε; REUSE -> nothing. Received
+    block outputs land in fresh tensors, so the outputs replayed at step k are those of step k-1 however the
+    glue writes in place. ε reaches every rank, so the scheduler step, CFG and callbacks run unchanged on every
+    rank and the latents stay identical everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .denoiser import (
+    DenoiserError,
+    TimestepArg,
+    check_scheduler,
+    find_denoiser,
+    first_tensor,
+    fresh_copy,
+    loop_timesteps,
+    replace_first_tensor,
+    snapshot,
+)
+from .hooks import CallHook, ForwardOverrides
+from .plan import Plan, PlanError
+from .schedule import EXACT, REUSE, Step, make_schedule, roles
+from .transport import TransportError, ensure_process_group, make_transport
+from .transport import resolve as resolve_transport
+
+__all__ = ["AsyncDiff", "ConfigError"]
+
+log = logging.getLogger("asyncdiff_rt")
+
+# options that make the pipeline call the denoiser more than once per step
+MULTI_CALL_OPTIONS = ("skip_guidance_layers",)
+
+
+class ConfigError(ValueError):
+    """A configuration the runtime refuses before doing any work; the message says what to change."""
+
+
+@dataclass
+class _View:
+    """One rank's view of a compute round: the blocks it computes and what it sends and receives."""
+
+    rank: int
+    segment: int
+    owned: set[str]
+    send_to: dict[int, list[str]] = field(default_factory=dict)
+    recv_from: dict[int, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class _CallState:
+    k: int = 0
+    tau: torch.Tensor | None = None
+    schedule: list[Step] = field(default_factory=list)
+    scale: float = 1.0  # passed timestep / scheduler timestep (1 for diffusers' SD pipelines)
+    batch: int | None = None
+    pending_eps: torch.Tensor | None = None  # stride 2: ε of the pair's second step
+    template: Any = None
+
+
+class AsyncDiff:
+    """Asynchronous denoising for a diffusers pipeline; every rank constructs it and calls the pipeline.
+
+    Args:
+        pipeline: a diffusers pipeline with `unet` or `transformer`.
+        model_n: number of segments (GPUs); `world_size == model_n + stride - 1`.
+        stride: 1 or 2 (stride 2: pairs of steps per compute round, one more rank).
+        warm_up: exact steps before the asynchronous ones (>= 1; >= the step count runs exactly).
+        time_shift: compute step k with τ[k-1] (the reference's option).
+        plan: explicit partition (list of segments of module names, a saved plan file, or a Plan); default: planned.
+        transport: "auto", "nccl", "shm", "gloo" or "local" (one process runs every segment).
+        group: a torch.distributed sub-group to run in (e.g. 8 GPUs as 2 x model_n=4).
+        stride_eps: stride 2 only: "reuse" (ε_{k+1} = ε_k, as the reference) or "fresh".
+        timeout_s: every wait on a peer raises after this many seconds.
+        debug: check after each step that the latents agree across ranks (also ASYNCDIFF_RT_DEBUG=1).
+    """
+
+    def __init__(
+        self,
+        pipeline: Any,
+        model_n: int = 2,
+        stride: int = 1,
+        warm_up: int = 1,
+        time_shift: bool = False,
+        *,
+        plan: Any = None,
+        transport: str = "auto",
+        group: Any = None,
+        stride_eps: str = "reuse",
+        timeout_s: float = 60.0,
+        debug: bool | None = None,
+    ):
+        # ---- arguments: every check here runs before any communication or denoiser work (DESIGN §6)
+        if plan is not None and not isinstance(plan, Plan):
+            plan = Plan.from_spec(plan)
+        if plan is not None and model_n != plan.model_n:
+            if model_n != 2:  # 2 is the default: an explicit plan decides then
+                raise ConfigError(f"model_n={model_n} but the plan has {plan.model_n} segments")
+            model_n = plan.model_n
+        if not isinstance(model_n, int) or model_n < 1:
+            raise ConfigError(f"model_n must be an integer >= 1, got {model_n!r}")
+        if stride not in (1, 2):
+            raise ConfigError(f"stride must be 1 or 2, got {stride!r}")
+        if not isinstance(warm_up, int) or warm_up < 1:
+            raise ConfigError(
+                f"warm_up must be an integer >= 1, got {warm_up!r}: the first step must be exact "
+                "(warm_up >= the number of steps runs the whole loop exactly)"
+            )
+        if stride_eps not in ("reuse", "fresh"):
+            raise ConfigError(f"stride_eps must be 'reuse' or 'fresh', got {stride_eps!r}")
+        if timeout_s <= 0:
+            raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
+
+        self.pipe = pipeline
+        self.denoiser_attr, self.denoiser = find_denoiser(pipeline)
+        check_scheduler(pipeline.scheduler)
+        _check_not_offloaded(self.denoiser)
+        param = next(self.denoiser.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+        self.model_n, self.stride, self.warm_up, self.time_shift = model_n, stride, warm_up, time_shift
+        self.stride_eps, self.timeout_s = stride_eps, timeout_s
+        self.debug = bool(int(os.environ.get("ASYNCDIFF_RT_DEBUG", "0"))) if debug is None else debug
+        self.world_needed = model_n + stride - 1
+
+        if plan is not None:
+            plan.validate(self.denoiser)  # unknown modules, duplicates, module + parent: before any communication
+        else:
+            from .blocks import candidate_blocks
+
+            n_blocks = len(candidate_blocks(self.denoiser))
+            if model_n > n_blocks:
+                raise ConfigError(
+                    f"model_n={model_n} is larger than the {n_blocks} blocks {type(self.denoiser).__name__} can be "
+                    f"cut into: use model_n <= {n_blocks}"
+                )
+
+        # ---- ranks: one process per rank, or every rank in this process ("local")
+        self.transport_name = resolve_transport(transport, self.device)
+        if self.transport_name == "local" or (self.world_needed == 1 and group is None and not _dist_ready()):
+            self.transport_name = "local"
+            self.transport = make_transport("local", self.device, None, timeout_s)
+            self.rank, self.world_size = 0, 1
+            view_ranks = list(range(self.world_needed))
+        else:
+            ensure_process_group(self.device, timeout_s)
+            import torch.distributed as dist
+
+            world = dist.get_world_size(group)
+            if world != self.world_needed:
+                raise ConfigError(
+                    f"model_n={model_n}, stride={stride} needs {self.world_needed} processes "
+                    f"(model_n + stride - 1) but the group has {world}: launch with "
+                    f"`torchrun --nproc_per_node={self.world_needed}`, pass group= with {self.world_needed} ranks, "
+                    "or use transport='local'"
+                )
+            self.transport = make_transport(self.transport_name, self.device, group, timeout_s)
+            self.rank, self.world_size = self.transport.rank, self.transport.world_size
+            view_ranks = [self.rank]
+
+        # ---- plan: rank 0 decides and broadcasts; every rank checks hash, dtype and device type
+        try:
+            if plan is None:
+                mine = self._plan_on_rank0() if self.rank == 0 else None
+                plan = Plan.from_json(self.transport.broadcast_object(mine.to_json() if mine else None, src=0))
+                plan.validate(self.denoiser)
+            self._agree(plan)
+        except (ConfigError, PlanError, DenoiserError):
+            self.transport.close()
+            raise
+        self.plan = plan
+        self._views = [self._make_view(r) for r in view_ranks]
+        self._layout: dict[str, tuple[list[Any], Any]] = {}  # block -> (example leaves, tree spec)
+        self._store: dict[str, tuple[list[Any], Any]] = {}  # non-owned block -> its owner's last output
+        self._fresh: dict[str, tuple[list[Any], Any]] = {}  # owned block -> this round's output
+        self._view: _View | None = None  # None: every block computes (exact step)
+        self._record = False
+        self._state = _CallState()
+        self._saved_progress: dict | None = None
+
+        # ---- hooks (last: nothing is installed if anything above raised)
+        self._timestep_arg = TimestepArg(self.denoiser.forward)
+        self._overrides = ForwardOverrides()
+        modules = dict(self.denoiser.named_modules())
+        for name in plan.blocks:
+            self._overrides.install(modules[name], lambda orig, name=name: self._block_forward(name, orig))
+        self._overrides.install(self.denoiser, self._denoiser_forward)
+        self._call_params = set(inspect.signature(type(pipeline).__call__).parameters)
+        self._call_hook = CallHook(pipeline, self._before_call, self._after_call)
+
+    # ------------------------------------------------------------------------------------------ public API
+    def reset_state(self, warm_up: int | None = None) -> None:
+        """Forget the current call's state; optionally set a new warm-up (the reference's API). State also
+        resets by itself at the start of every pipeline call."""
+        if warm_up is not None:
+            if not isinstance(warm_up, int) or warm_up < 1:
+                raise ConfigError(f"warm_up must be an integer >= 1, got {warm_up!r}")
+            self.warm_up = warm_up
+        self._state = _CallState()
+        self._store.clear()
+        self._fresh.clear()
+
+    def schedule(self, num_steps: int) -> list[Step]:
+        return make_schedule(num_steps, self.model_n, self.stride, self.warm_up, self.time_shift, self.stride_eps)
+
+    def remove(self) -> None:
+        """Take the hooks out: the pipeline is again plain diffusers."""
+        self._overrides.remove()
+        self._call_hook.remove()
+        self.transport.close()
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _plan_on_rank0(self) -> Plan:
+        from .planning import plan_for
+
+        return plan_for(self.pipe, self.model_n)
+
+    def _agree(self, plan: Plan) -> None:
+        from . import __version__
+
+        mine = {
+            "plan": plan.hash(),
+            "dtype": str(self.dtype),
+            "device": self.device.type,
+            "config": (self.model_n, self.stride, self.warm_up, self.time_shift, self.stride_eps),
+            "version": __version__,
+        }
+        everyone = self.transport.all_gather_object(mine)
+        for key in mine:
+            values = [e[key] for e in everyone]
+            if any(v != values[0] for v in values):
+                per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                raise ConfigError(f"ranks disagree on {key} ({per_rank}): every rank must be configured alike")
+
+    def _make_view(self, rank: int) -> _View:
+        segments = roles(self.model_n, self.stride)
+        seg = segments[rank]
+        owner = self.plan.owner()
+        view = _View(rank, seg, set(self.plan.segments[seg].blocks))
+        senders = range(self.model_n)  # ranks 0..n-1 own S_0..S_{n-1}; rank n (stride 2) sends nothing
+        for peer in range(len(segments)):
+            if peer == rank:
+                continue
+            peer_seg = segments[peer]
+            if rank in senders:
+                view.send_to[peer] = [b for b in self.plan.blocks if owner[b] == seg and peer_seg != seg]
+            if peer in senders:
+                view.recv_from[peer] = [b for b in self.plan.blocks if owner[b] == peer_seg and peer_seg != seg]
+        view.send_to = {p: bs for p, bs in view.send_to.items() if bs}
+        view.recv_from = {p: bs for p, bs in view.recv_from.items() if bs}
+        return view
+
+    # ------------------------------------------------------------------------------------------ pipeline call
+    def _before_call(self, kwargs: dict) -> dict:
+        check_scheduler(self.pipe.scheduler)
+        for option in MULTI_CALL_OPTIONS:
+            if kwargs.get(option):
+                raise ConfigError(
+                    f"{option}={kwargs[option]!r} calls the denoiser more than once per step, which asynchronous "
+                    "denoising cannot schedule: leave it unset"
+                )
+        _check_not_offloaded(self.denoiser)
+        param = next(self.denoiser.parameters())
+        if param.device != self.device or param.dtype != self.dtype:
+            raise ConfigError(
+                f"the denoiser moved from {self.device}/{self.dtype} to {param.device}/{param.dtype} after AsyncDiff "
+                "was attached: call ad.remove(), move the pipeline, then attach again"
+            )
+        self.reset_state()
+        accepts = self._call_params
+        if self.world_size > 1:
+            if "generator" in accepts and kwargs.get("generator") is None and kwargs.get("latents") is None:
+                # every rank must start from the same noise: rank 0 draws the seed
+                seed = self.transport.broadcast_object(random.randrange(2**63) if self.rank == 0 else None, src=0)
+                kwargs["generator"] = torch.Generator(device=self.device).manual_seed(seed)
+            if self.rank != 0 and "output_type" in accepts:
+                kwargs["output_type"] = "latent"  # only rank 0 decodes (documented)
+            if self.rank != 0 and hasattr(self.pipe, "set_progress_bar_config"):
+                self._saved_progress = dict(getattr(self.pipe, "_progress_bar_config", {}))
+                self.pipe.set_progress_bar_config(**{**self._saved_progress, "disable": True})
+        return kwargs
+
+    def _after_call(self) -> None:
+        if self._saved_progress is not None:
+            self.pipe._progress_bar_config = self._saved_progress
+            self._saved_progress = None
+        self._store.clear()
+        self._fresh.clear()
+        self._state.pending_eps = self._state.template = None
+
+    # ------------------------------------------------------------------------------------------ forwards
+    def _block_forward(self, name: str, original: Any):
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            view = self._view
+            if view is None or name in view.owned:
+                out = original(*args, **kwargs)
+                if self._record:
+                    self._fresh[name] = snapshot(out)
+                return out
+            return fresh_copy(*self._store[name])
+
+        return forward
+
+    def _denoiser_forward(self, original: Any):
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            st = self._state
+            k = st.k
+            st.k += 1
+            bound = self._timestep_arg.bind(args, kwargs)
+            if k == 0:
+                self._begin_loop(bound)
+            self._check_step(k, bound)
+            step = st.schedule[k]
+            if step.kind == EXACT:
+                return self._exact_step(k, original, args, kwargs)
+            if step.kind == REUSE:
+                eps, st.pending_eps = st.pending_eps, None
+                return replace_first_tensor(st.template, eps)
+            return self._round(step, original, bound)
+
+        return forward
+
+    def _begin_loop(self, bound: Any) -> None:
+        st = self._state
+        st.tau = loop_timesteps(self.pipe.scheduler)
+        st.schedule = self.schedule(len(st.tau))
+        passed, first = TimestepArg.value(bound), float(st.tau[0])
+        st.scale = passed / first if first != 0 else 1.0
+        sample = next(iter(bound.arguments.values()))
+        st.batch = sample.shape[0]
+        if self.world_size > 1:
+            digests = self.transport.all_gather_object(_digest(sample))
+            if len(set(digests)) > 1:
+                raise ConfigError(
+                    "ranks start from different latents: pass the same generator seed (or none) on every rank"
+                )
+
+    def _check_step(self, k: int, bound: Any) -> None:
+        st = self._state
+        if k >= len(st.tau):
+            raise DenoiserError(
+                f"the denoiser was called {k + 1} times but the scheduler has {len(st.tau)} timesteps: the pipeline "
+                "calls it more than once per step, which asynchronous denoising cannot schedule"
+            )
+        passed, expected = TimestepArg.value(bound), st.scale * float(st.tau[k])
+        if abs(passed - expected) > 1e-3 * max(1.0, abs(expected)):
+            raise DenoiserError(
+                f"step {k}: the denoiser got timestep {passed:g} but the scheduler's τ[{k}] is {expected:g}; the "
+                "pipeline calls the denoiser more than once per step or not in timestep order (e.g. Heun/DPM2 "
+                "schedulers, skip_guidance_layers), which asynchronous denoising cannot schedule"
+            )
+        sample = next(iter(bound.arguments.values()))
+        if sample.shape[0] != st.batch:
+            raise ConfigError(
+                f"step {k}: the batch changed from {st.batch} to {sample.shape[0]} mid-run (a callback that turns "
+                "CFG off?); asynchronous denoising keeps per-step state of the batch: keep it fixed"
+            )
+        if self.debug and self.world_size > 1:
+            digests = self.transport.all_gather_object(_digest(sample))
+            if len(set(digests)) > 1:
+                raise RuntimeError(f"debug: latents differ across ranks at step {k}: {digests}")
+
+    def _exact_step(self, k: int, original: Any, args: tuple, kwargs: dict) -> Any:
+        """Warm-up: the whole denoiser, exactly. Its block outputs seed the first asynchronous round."""
+        last_warm_up = k == self.warm_up - 1 and k + 1 < len(self._state.tau)
+        self._view, self._record, self._fresh = None, last_warm_up, {}
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self._record = False
+        if last_warm_up:
+            self._layout = dict(self._fresh)
+            self._store = {b: v for b, v in self._fresh.items()}
+            self._fresh = {}
+        eps = first_tensor(out).contiguous()
+        self.transport.broadcast(eps, src=self.model_n - 1, step=k)
+        return replace_first_tensor(out, eps)
+
+    def _round(self, step: Step, original: Any, bound: Any) -> Any:
+        st = self._state
+        outs: dict[int, Any] = {}
+        self._fresh = {}
+        try:
+            for view in self._views:
+                self._view, self._record = view, view.rank < self.model_n
+                args, kwargs = TimestepArg.substitute(bound, st.tau[step.t_index[view.rank]])
+                outs[view.rank] = original(*args, **kwargs)
+        finally:
+            self._view, self._record = None, False
+        if self.transport_name == "local":
+            self._store.update(self._fresh)
+            eps = first_tensor(outs[step.eps_rank])
+            out = outs[step.eps_rank]
+            if step.next_eps_rank >= 0:
+                st.pending_eps = first_tensor(outs[step.next_eps_rank]).clone()
+        else:
+            self._exchange(step.k)
+            out = outs[self.rank]
+            mine = first_tensor(out)
+            eps = mine.clone() if step.next_eps_rank == self.rank else mine.contiguous()  # broadcast overwrites
+            self.transport.broadcast(eps, src=step.eps_rank, step=step.k)
+            if step.next_eps_rank >= 0:
+                nxt = mine if self.rank == step.next_eps_rank else torch.empty_like(eps)
+                self.transport.broadcast(nxt, src=step.next_eps_rank, step=step.k)
+                st.pending_eps = nxt
+        if self.stride == 2 and st.pending_eps is None and step.k + 1 < len(st.tau):
+            st.pending_eps = eps.clone()
+        out = replace_first_tensor(out, eps)
+        if self.stride == 2:
+            st.template = out
+        return out
+
+    def _exchange(self, k: int) -> None:
+        view = self._views[0]
+        sends = {
+            peer: [x for b in blocks for x in self._fresh[b][0] if isinstance(x, torch.Tensor)]
+            for peer, blocks in view.send_to.items()
+        }
+        received: dict[str, tuple[list[Any], Any]] = {}
+        recvs: dict[int, list[torch.Tensor]] = {}
+        for peer, blocks in view.recv_from.items():
+            bufs = []
+            for b in blocks:
+                leaves, spec = self._layout[b]
+                new = [torch.empty_like(x) if isinstance(x, torch.Tensor) else x for x in leaves]
+                received[b] = (new, spec)
+                bufs += [x for x in new if isinstance(x, torch.Tensor)]
+            recvs[peer] = bufs
+        self.transport.exchange(k, sends, recvs)
+        self._store.update(received)
+
+
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _check_not_offloaded(denoiser: torch.nn.Module) -> None:
+    if any(hasattr(m, "_hf_hook") for m in denoiser.modules()):
+        raise ConfigError(
+            "the denoiser has accelerate offload hooks (enable_model_cpu_offload / sequential offload / device_map): "
+            "asyncdiff_rt keeps each rank's blocks on its GPU; load the pipeline without offloading"
+        )
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+__all__ += ["TransportError"]

@@ -1,0 +1,165 @@
+"""`simulate`: asynchronous denoising computed in one process, by definition (DESIGN §3).
+
+For each compute round the whole denoiser runs once per rank view: the blocks that view's rank owns compute,
+every other listed block replays its owner's output from the previous round, and replicated code (everything
+not listed) computes fresh from whatever it is given. Nothing here uses the tracer or the runtime, so a data-flow
+edge the tracer misses, or a schedule the runtime gets wrong, cannot pass both sides of a comparison.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from .denoiser import (
+    TimestepArg,
+    check_scheduler,
+    find_denoiser,
+    first_tensor,
+    fresh_copy,
+    loop_timesteps,
+    replace_first_tensor,
+    snapshot,
+)
+from .plan import Plan
+
+__all__ = ["simulate"]
+
+
+class _Simulation:
+    def __init__(self, plan: Plan, stride: int, warm_up: int, time_shift: bool, stride_eps: str):
+        self.plan, self.stride, self.warm_up, self.time_shift, self.stride_eps = (
+            plan,
+            stride,
+            warm_up,
+            time_shift,
+            stride_eps,
+        )
+        self.n = plan.model_n
+        self.k = 0
+        self.tau: torch.Tensor | None = None
+        self.previous: dict[str, tuple] = {}  # block -> its owner's output in the previous round
+        self.current: dict[str, tuple] = {}  # block -> output recorded in this round
+        self.computing: set[str] | None = None  # None: every block computes (exact step)
+        self.record: bool = True
+        self.pending_eps: torch.Tensor | None = None  # stride 2: ε of the pair's second step
+        self.template: Any = None
+
+    # the view ranks: stride 1 -> rank r owns segment r; stride 2 -> rank n owns segment n-1 as well
+    def segment_of_rank(self, rank: int) -> int:
+        return min(rank, self.n - 1)
+
+    def block_forward(self, name: str, original):
+        def forward(*args, **kwargs):
+            if self.computing is None or name in self.computing:
+                out = original(*args, **kwargs)
+                if self.record:
+                    self.current[name] = snapshot(out)
+                return out
+            return fresh_copy(*self.previous[name])
+
+        return forward
+
+    def denoiser_forward(self, original, timestep_arg: TimestepArg, scheduler):
+        def forward(*args, **kwargs):
+            k = self.k
+            self.k += 1
+            if k == 0:
+                self.tau = loop_timesteps(scheduler)
+            bound = timestep_arg.bind(args, kwargs)
+            if k < self.warm_up:
+                self.computing, self.record, self.current = None, True, {}
+                out = original(*args, **kwargs)
+                self.previous = self.current
+                return out
+            if self.stride == 2 and self.pending_eps is not None:
+                eps, self.pending_eps = self.pending_eps, None
+                return replace_first_tensor(self.template, eps)
+            shift = 1 if self.time_shift else 0
+            K = len(self.tau)
+            if self.stride == 1:
+                ranks = [(r, k - shift) for r in range(self.n)]
+                eps_rank = self.n - 1
+            else:
+                paired = k + 1 < K
+                hi = k + 1 - shift if paired else k - shift
+                ranks = [(r, hi) for r in range(self.n)] + [(self.n, k - shift)]
+                eps_rank = self.n
+            self.current = {}
+            outs: dict[int, Any] = {}
+            for rank, t_index in ranks:
+                self.computing = set(self.plan.segments[self.segment_of_rank(rank)].blocks)
+                self.record = rank < self.n  # stride 2: rank n's work serves ε only
+                a, kw = TimestepArg.substitute(bound, self.tau[t_index])
+                outs[rank] = original(*a, **kw)
+            self.previous = self.current
+            self.computing, self.record = None, True
+            out = outs[eps_rank]
+            if self.stride == 2 and k + 1 < K:
+                source = outs[eps_rank] if self.stride_eps == "reuse" else outs[self.n - 1]
+                self.pending_eps = first_tensor(source).clone()
+                self.template = outs[self.n - 1]  # an output structure to carry ε_{k+1}
+            return out
+
+        return forward
+
+
+@contextmanager
+def _overridden(modules: dict[str, torch.nn.Module], forwards: dict[str, Any]):
+    saved = {name: modules[name].__dict__.get("forward") for name in forwards}
+    try:
+        for name, fn in forwards.items():
+            modules[name].forward = fn
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                modules[name].__dict__.pop("forward", None)
+            else:
+                modules[name].forward = old
+
+
+def simulate(
+    pipe: Any,
+    *args: Any,
+    plan: Any = None,
+    model_n: int | None = None,
+    stride: int = 1,
+    warm_up: int = 1,
+    time_shift: bool = False,
+    stride_eps: str = "reuse",
+    **call_kwargs: Any,
+) -> Any:
+    """Run `pipe(*args, **call_kwargs)` in this process with the asynchronous semantics of DESIGN §3.
+
+    `plan` is an explicit partition (list of segments of module names, a saved plan, or a Plan); without one,
+    `asyncdiff_rt.plan_for` picks one for `model_n`. Returns what the pipeline returns. Use it to preview the
+    fidelity of a configuration before launching it on several GPUs, and as the reference in tests.
+    """
+    _, denoiser = find_denoiser(pipe)
+    check_scheduler(pipe.scheduler)
+    if plan is None:
+        if model_n is None:
+            raise ValueError("simulate needs plan= or model_n=")
+        from .planning import plan_for
+
+        plan = plan_for(pipe, model_n)
+    plan = Plan.from_spec(plan)
+    plan.validate(denoiser)
+    if model_n is not None and model_n != plan.model_n:
+        raise ValueError(f"model_n={model_n} but the plan has {plan.model_n} segments")
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride}")
+    if warm_up < 1:
+        raise ValueError(f"warm_up must be >= 1, got {warm_up}")
+    if stride_eps not in ("reuse", "fresh"):
+        raise ValueError(f"stride_eps must be 'reuse' or 'fresh', got {stride_eps!r}")
+
+    sim = _Simulation(plan, stride, warm_up, time_shift, stride_eps)
+    modules = dict(denoiser.named_modules())
+    forwards = {name: sim.block_forward(name, modules[name].forward) for name in plan.blocks}
+    forwards[""] = sim.denoiser_forward(denoiser.forward, TimestepArg(denoiser.forward), pipe.scheduler)
+    with _overridden(modules, forwards), torch.no_grad():
+        return pipe(*args, **call_kwargs)

@@ -1,0 +1,56 @@
+"""The one interface every transport implements (DESIGN §1): nccl, shm, gloo, local.
+
+Ordering contract (see also runtime.py, "Note [step ordering]"): messages are matched per directed peer pair,
+in call order: the i-th list rank a sends to rank b in an `exchange` meets the i-th list b receives from a. Calls
+need not be symmetric: an `exchange` may name only some peers, or only sends, or only receives (the sequential
+warm-up hands outputs down a chain of ranks this way), so counters of sequence numbers are per peer pair. `broadcast`
+is issued by every rank of the transport in the same order. On GPU transports they are *enqueued*: the sends read
+their tensors after all work already queued on the caller's current stream, and work the caller queues on that
+stream afterwards sees the received data. Host-synchronous transports (gloo) simply complete before returning.
+Every wait inside a transport has a timeout and raises `TransportError` naming the peer and the step.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+__all__ = ["Transport", "TransportError"]
+
+
+class TransportError(RuntimeError):
+    """A peer died, stalled past the timeout, or disagreed; the message names the peer and the step."""
+
+
+class Transport(ABC):
+    name: str = "base"
+    rank: int = 0
+    world_size: int = 1
+    timeout_s: float = 60.0
+
+    def prepare(self, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]]) -> None:  # noqa: B027
+        """Called once per shape before the first `exchange`, with example tensors of every later exchange
+        (same peers, shapes, dtypes, order), so a transport can size slots and register buffers up front."""
+
+    @abstractmethod
+    def exchange(self, step: int, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]]) -> None:
+        """Send `sends[peer]` to each peer and fill `recvs[peer]` in place from each peer, in list order."""
+
+    @abstractmethod
+    def broadcast(self, tensor: torch.Tensor, src: int, step: int) -> None:
+        """Overwrite `tensor` on every rank with rank `src`'s."""
+
+    @abstractmethod
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Small set-up metadata (plan hash, dtype, device type) from every rank, in rank order."""
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return self.all_gather_object(obj)[src]
+
+    def synchronize(self) -> None:  # noqa: B027
+        """Wait (with the timeout) until everything enqueued so far has completed."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release communicators and shared memory. Safe to call twice."""

@@ -1,0 +1,44 @@
+"""The runtime over gloo (one process per rank) equals the simulator on the toy denoiser."""
+
+import pytest
+import torch
+
+from asyncdiff_rt import simulate
+from asyncdiff_rt.launch import spawn
+from dist_cases import run_cases
+from toy import ToyPipeline
+
+CASES_2 = [
+    dict(kind="toy", plan=[["A"], ["B", "C"]], steps=6),
+    dict(kind="toy", plan=[["A", "B"], ["C"]], steps=7, time_shift=True, warm_up=2),
+    dict(kind="toy", plan=[["A"], ["B", "C"]], steps=6, calls=2),
+]
+CASES_3 = [
+    dict(kind="toy", plan=[["A"], ["B"], ["C"]], steps=6),
+    dict(kind="toy", plan=[["A"], ["B", "C"]], stride=2, steps=7),
+    dict(kind="toy", plan=[["A"], ["B", "C"]], stride=2, steps=6, stride_eps="fresh", time_shift=True),
+]
+
+
+def expected(case):
+    pipe = ToyPipeline(case["steps"])
+    return torch.tensor(
+        simulate(
+            pipe,
+            plan=case["plan"],
+            stride=case.get("stride", 1),
+            warm_up=case.get("warm_up", 1),
+            time_shift=case.get("time_shift", False),
+            stride_eps=case.get("stride_eps", "reuse"),
+        ),
+        dtype=torch.float64,
+    )
+
+
+@pytest.mark.parametrize("world,cases", [(2, CASES_2), (3, CASES_3)])
+def test_gloo_equals_simulator(world, cases):
+    results = spawn(run_cases, world, cases, timeout_s=120)
+    for case, got in zip(cases, results[0]):
+        assert got[0] == "ok", got
+        for out in got[1]:
+            torch.testing.assert_close(out, expected(case), rtol=0, atol=1e-12)

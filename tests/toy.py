@@ -1,0 +1,54 @@
+"""A toy denoiser and pipeline whose asynchronous results can be worked out by hand.
+
+denoiser(sample, timestep) = C(B(A(sample) + timestep)) with A(x) = 2x, B(x) = x + 1, C(x) = 3x; the pipeline's
+loop is x_{k+1} = x_k - 0.01 * eps_k over timesteps tau = [T, T-1, ...].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, factor: float, offset: float = 0.0):
+        super().__init__()
+        self.factor = torch.nn.Parameter(torch.tensor(factor))
+        self.offset = offset
+
+    def forward(self, x):
+        return self.factor * x + self.offset
+
+
+class ToyDenoiser(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.A, self.B, self.C = Scale(2.0), Scale(1.0, 1.0), Scale(3.0)
+
+    def forward(self, sample, timestep, return_dict=False):
+        h = self.A(sample) + timestep
+        out = self.C(self.B(h))
+        return (out,)
+
+
+class ToyScheduler:
+    order = 1
+    begin_index = None
+
+    def __init__(self, steps: int, first: float = 10.0):
+        self.timesteps = torch.tensor([first - i for i in range(steps)], dtype=torch.float64)
+
+
+class ToyPipeline:
+    def __init__(self, steps: int = 6):
+        self.unet = ToyDenoiser().double()
+        self.scheduler = ToyScheduler(steps)
+
+    @torch.no_grad()
+    def __call__(self, x0: float = 1.0):
+        x = torch.full((1, 1), x0, dtype=torch.float64)
+        xs = [x]
+        for t in self.scheduler.timesteps:
+            eps = self.unet(x, t)[0]
+            x = x - 0.01 * eps
+            xs.append(x)
+        return [float(v) for v in xs]
