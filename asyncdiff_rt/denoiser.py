@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 __all__ = [
     "DenoiserError",
     "find_denoiser",
+    "class_forward",
     "check_scheduler",
     "loop_timesteps",
     "TimestepArg",
@@ -33,7 +34,7 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
     for attr in DENOISER_ATTRS:
         module = getattr(pipe, attr, None)
         if isinstance(module, torch.nn.Module):
-            if "timestep" not in inspect.signature(module.forward).parameters:
+            if "timestep" not in inspect.signature(class_forward(module)).parameters:
                 raise DenoiserError(
                     f"{type(module).__name__} (pipe.{attr}) has no 'timestep' argument; asyncdiff_rt drives "
                     "denoisers called as denoiser(sample, timestep, ...) once per step"
@@ -43,6 +44,11 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
         f"{type(pipe).__name__} has no denoiser asyncdiff_rt can drive: expected a torch module at pipe.unet or "
         "pipe.transformer (diffusers UNet or DiT pipelines)"
     )
+
+
+def class_forward(module: torch.nn.Module) -> Any:
+    """The module's own forward, bound, even while an instance override (ours, or a diffusers hook) is in place."""
+    return type(module).forward.__get__(module)
 
 
 def check_scheduler(scheduler: Any) -> None:

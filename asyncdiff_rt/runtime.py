@@ -26,6 +26,7 @@ from .denoiser import (
     DenoiserError,
     TimestepArg,
     check_scheduler,
+    class_forward,
     find_denoiser,
     first_tensor,
     fresh_copy,
@@ -60,6 +61,8 @@ class _View:
     owned: set[str]
     send_to: dict[int, list[str]] = field(default_factory=dict)
     recv_from: dict[int, list[str]] = field(default_factory=dict)
+    needs: set[str] = field(default_factory=set)  # non-owned blocks whose outputs this rank reads
+    sends: set[str] = field(default_factory=set)  # owned blocks whose outputs some other rank reads
 
 
 @dataclass
@@ -88,6 +91,9 @@ class AsyncDiff:
         stride_eps: stride 2 only: "reuse" (ε_{k+1} = ε_k, as the reference) or "fresh".
         timeout_s: every wait on a peer raises after this many seconds.
         debug: check after each step that the latents agree across ranks (also ASYNCDIFF_RT_DEBUG=1).
+        drop_weights: free the weights of blocks other ranks own (default: when running one process per rank);
+            warm-up then runs as a sequential pipeline across ranks. The pipeline keeps only this rank's blocks.
+        height, width: the resolution to plan for when no plan is given (default: the pipeline's default).
     """
 
     def __init__(
@@ -104,6 +110,9 @@ class AsyncDiff:
         stride_eps: str = "reuse",
         timeout_s: float = 60.0,
         debug: bool | None = None,
+        drop_weights: bool | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ):
         # ---- arguments: every check here runs before any communication or denoiser work (DESIGN §6)
         if plan is not None and not isinstance(plan, Plan):
@@ -128,6 +137,11 @@ class AsyncDiff:
 
         self.pipe = pipeline
         self.denoiser_attr, self.denoiser = find_denoiser(pipeline)
+        if getattr(self.denoiser, "_asyncdiff_rt_dropped", False):
+            raise ConfigError(
+                "this denoiser's weights were partly freed by an earlier AsyncDiff (drop_weights=True): "
+                "load the pipeline again, or pass drop_weights=False to keep full weights"
+            )
         check_scheduler(pipeline.scheduler)
         _check_not_offloaded(self.denoiser)
         param = next(self.denoiser.parameters())
@@ -184,17 +198,31 @@ class AsyncDiff:
             self.transport.close()
             raise
         self.plan = plan
-        self._views = [self._make_view(r) for r in view_ranks]
-        self._layout: dict[str, tuple[list[Any], Any]] = {}  # block -> (example leaves, tree spec)
+        self._view_ranks = view_ranks
+        self._owner = plan.owner()
+        self._segments = roles(model_n, stride)
+        self._views = [self._make_view(r, None) for r in view_ranks]
+        self._shape_key: Any = None  # the call signature the current trace and views belong to
+        self._twin = None if self.world_size == 1 else _meta_twin(self.denoiser)
+        self._trace: Any = None
+        self._specs: dict[str, tuple[Any, list[Any]]] = {}  # block -> (tree spec, example leaves on meta)
+        self._placeholders: dict[str, Any] = {}
+        self._sequential = False
+        self.dropped_bytes = 0
+        if drop_weights is None:
+            drop_weights = self.world_size > 1
+        if drop_weights and self.world_size > 1:
+            self.dropped_bytes = self._drop_weights()
         self._store: dict[str, tuple[list[Any], Any]] = {}  # non-owned block -> its owner's last output
         self._fresh: dict[str, tuple[list[Any], Any]] = {}  # owned block -> this round's output
         self._view: _View | None = None  # None: every block computes (exact step)
         self._record = False
         self._state = _CallState()
         self._saved_progress: dict | None = None
+        self._height, self._width = height, width
 
         # ---- hooks (last: nothing is installed if anything above raised)
-        self._timestep_arg = TimestepArg(self.denoiser.forward)
+        self._timestep_arg = TimestepArg(class_forward(self.denoiser))
         self._overrides = ForwardOverrides()
         modules = dict(self.denoiser.named_modules())
         for name in plan.blocks:
@@ -228,7 +256,8 @@ class AsyncDiff:
     def _plan_on_rank0(self) -> Plan:
         from .planning import plan_for
 
-        return plan_for(self.pipe, self.model_n)
+        height, width = _default_resolution(self.pipe, self.denoiser)
+        return plan_for(self.pipe, self.model_n, height=self._height or height, width=self._width or width)
 
     def _agree(self, plan: Plan) -> None:
         from . import __version__
@@ -247,23 +276,98 @@ class AsyncDiff:
                 per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
                 raise ConfigError(f"ranks disagree on {key} ({per_rank}): every rank must be configured alike")
 
-    def _make_view(self, rank: int) -> _View:
-        segments = roles(self.model_n, self.stride)
-        seg = segments[rank]
-        owner = self.plan.owner()
+    def _make_view(self, rank: int, trace: Any) -> _View:
+        """Who sends what to whom: with a trace, only the outputs a rank's blocks (or its output) read."""
+        seg = self._segments[rank]
         view = _View(rank, seg, set(self.plan.segments[seg].blocks))
         senders = range(self.model_n)  # ranks 0..n-1 own S_0..S_{n-1}; rank n (stride 2) sends nothing
-        for peer in range(len(segments)):
-            if peer == rank:
+
+        def needs(r: int) -> set[str]:
+            s = self._segments[r]
+            owned = set(self.plan.segments[s].blocks)
+            if trace is None:
+                return set(self.plan.blocks) - owned
+            return trace.needed_by(owned, owns_output=s == self.model_n - 1)
+
+        mine = needs(rank)
+        for peer, peer_seg in enumerate(self._segments):
+            if peer == rank or peer_seg == seg:
                 continue
-            peer_seg = segments[peer]
             if rank in senders:
-                view.send_to[peer] = [b for b in self.plan.blocks if owner[b] == seg and peer_seg != seg]
+                theirs = needs(peer)
+                view.send_to[peer] = [b for b in self.plan.blocks if self._owner[b] == seg and b in theirs]
             if peer in senders:
-                view.recv_from[peer] = [b for b in self.plan.blocks if owner[b] == peer_seg and peer_seg != seg]
+                view.recv_from[peer] = [b for b in self.plan.blocks if self._owner[b] == peer_seg and b in mine]
         view.send_to = {p: bs for p, bs in view.send_to.items() if bs}
         view.recv_from = {p: bs for p, bs in view.recv_from.items() if bs}
+        view.needs = mine
+        view.sends = {b for bs in view.send_to.values() for b in bs}
         return view
+
+    def _drop_weights(self) -> int:
+        """Free every parameter and buffer of the blocks this rank does not own (DESIGN §4: memory)."""
+        modules = dict(self.denoiser.named_modules())
+        owned = self._views[0].owned
+        freed = 0
+        for name in self.plan.blocks:
+            if name in owned:
+                continue
+            for t in list(modules[name].parameters()) + list(modules[name].buffers()):
+                freed += t.numel() * t.element_size()
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        self.denoiser._asyncdiff_rt_dropped = True
+        return freed
+
+    def parameter_bytes(self) -> int:
+        """Bytes of denoiser weights this rank holds (own blocks + replicated modules)."""
+        tensors = list(self.denoiser.parameters()) + list(self.denoiser.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _prepare_shape(self, bound: Any) -> None:
+        """Per call signature: trace the meta twin for data flow and block output layouts (no weights needed)."""
+        key = _signature(bound.arguments)
+        if key == self._shape_key or self._twin is None:
+            return
+        from torch.utils import _pytree as pytree
+
+        from .trace import trace_denoiser
+
+        specs: dict[str, tuple[Any, list[Any]]] = {}
+        modules = dict(self._twin.named_modules())
+        handles = []
+        for name in self.plan.blocks:
+
+            def hook(_m: Any, _a: Any, out: Any, name: str = name) -> None:
+                leaves, spec = pytree.tree_flatten(out)
+                if name in specs:
+                    raise ConfigError(f"block {name!r} runs more than once per denoiser call: list its parts")
+                specs[name] = (spec, leaves)
+
+            handles.append(modules[name].register_forward_hook(hook))
+        meta_args = pytree.tree_map(_to_meta, bound.args)
+        meta_kwargs = pytree.tree_map(_to_meta, bound.kwargs)
+        try:
+            self._trace = trace_denoiser(self._twin, meta_args, meta_kwargs, self.plan.blocks)
+        finally:
+            for h in handles:
+                h.remove()
+        self._specs = specs
+        self._placeholders = {}
+        self._views = [self._make_view(r, self._trace) for r in self._view_ranks]
+        self._shape_key = key
+
+    def _placeholder(self, name: str) -> Any:
+        """Output of a block whose value this rank never reads: right shapes for the glue, zeros."""
+        if name not in self._placeholders:
+            from torch.utils import _pytree as pytree
+
+            spec, leaves = self._specs[name]
+            real = [
+                torch.zeros(x.shape, dtype=x.dtype, device=self.device) if isinstance(x, torch.Tensor) else x
+                for x in leaves
+            ]
+            self._placeholders[name] = pytree.tree_unflatten(real, spec)
+        return self._placeholders[name]
 
     # ------------------------------------------------------------------------------------------ pipeline call
     def _before_call(self, kwargs: dict) -> dict:
@@ -309,12 +413,36 @@ class AsyncDiff:
             view = self._view
             if view is None or name in view.owned:
                 out = original(*args, **kwargs)
-                if self._record:
+                if self._record or (self._sequential and name in self._views[0].sends):
                     self._fresh[name] = snapshot(out)
+                    if self._sequential:
+                        self._send_now(name)
                 return out
-            return fresh_copy(*self._store[name])
+            if self._sequential:
+                return self._receive_now(name)
+            stored = self._store.get(name)
+            return fresh_copy(*stored) if stored is not None else self._placeholder(name)
 
         return forward
+
+    def _send_now(self, name: str) -> None:
+        """Sequential warm-up: hand a fresh owned output to the ranks that read it, as soon as it exists."""
+        leaves = [x for x in self._fresh[name][0] if isinstance(x, torch.Tensor)]
+        sends = {p: leaves for p, blocks in self._views[0].send_to.items() if name in blocks}
+        if sends:
+            self.transport.exchange(self._state.k - 1, sends, {})
+
+    def _receive_now(self, name: str) -> Any:
+        """Sequential warm-up: a block another rank owns; its fresh output arrives from the owner (if read)."""
+        view = self._views[0]
+        if name not in view.needs:
+            return self._placeholder(name)
+        spec, leaves = self._specs[name]
+        new = [_empty_like_meta(x, self.device) for x in leaves]
+        owner = self._owner[name]  # rank r < n owns segment r
+        self.transport.exchange(self._state.k - 1, {}, {owner: [x for x in new if isinstance(x, torch.Tensor)]})
+        self._store[name] = (new, spec)  # after the last warm-up step: what the first round replays
+        return fresh_copy(new, spec)
 
     def _denoiser_forward(self, original: Any):
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -324,6 +452,7 @@ class AsyncDiff:
             bound = self._timestep_arg.bind(args, kwargs)
             if k == 0:
                 self._begin_loop(bound)
+                self._prepare_shape(bound)
             self._check_step(k, bound)
             step = st.schedule[k]
             if step.kind == EXACT:
@@ -376,17 +505,22 @@ class AsyncDiff:
                 raise RuntimeError(f"debug: latents differ across ranks at step {k}: {digests}")
 
     def _exact_step(self, k: int, original: Any, args: tuple, kwargs: dict) -> Any:
-        """Warm-up: the whole denoiser, exactly. Its block outputs seed the first asynchronous round."""
+        """Warm-up: the whole denoiser, exactly. With all weights here every rank computes it all; with dropped
+        weights it runs as a sequential pipeline across ranks, each owner handing its fresh outputs on. Either
+        way the block outputs of the last warm-up step seed the first asynchronous round."""
         last_warm_up = k == self.warm_up - 1 and k + 1 < len(self._state.tau)
-        self._view, self._record, self._fresh = None, last_warm_up, {}
+        self._fresh = {}
+        if self.dropped_bytes:
+            self._view, self._sequential = self._views[0], True
+        else:
+            self._view, self._record = None, last_warm_up
         try:
             out = original(*args, **kwargs)
         finally:
-            self._record = False
-        if last_warm_up:
-            self._layout = dict(self._fresh)
-            self._store = {b: v for b, v in self._fresh.items()}
-            self._fresh = {}
+            self._view, self._record, self._sequential = None, False, False
+        if last_warm_up and not self.dropped_bytes:
+            self._store = dict(self._fresh)
+        self._fresh = {}
         eps = first_tensor(out).contiguous()
         self.transport.broadcast(eps, src=self.model_n - 1, step=k)
         return replace_first_tensor(out, eps)
@@ -436,8 +570,8 @@ class AsyncDiff:
         for peer, blocks in view.recv_from.items():
             bufs = []
             for b in blocks:
-                leaves, spec = self._layout[b]
-                new = [torch.empty_like(x) if isinstance(x, torch.Tensor) else x for x in leaves]
+                spec, leaves = self._specs[b]
+                new = [_empty_like_meta(x, self.device) for x in leaves]
                 received[b] = (new, spec)
                 bufs += [x for x in new if isinstance(x, torch.Tensor)]
             recvs[peer] = bufs
@@ -457,6 +591,35 @@ def _check_not_offloaded(denoiser: torch.nn.Module) -> None:
             "the denoiser has accelerate offload hooks (enable_model_cpu_offload / sequential offload / device_map): "
             "asyncdiff_rt keeps each rank's blocks on its GPU; load the pipeline without offloading"
         )
+
+
+def _meta_twin(denoiser: torch.nn.Module) -> torch.nn.Module:
+    from .trace import meta_twin
+
+    return meta_twin(denoiser)
+
+
+def _empty_like_meta(x: Any, device: torch.device) -> Any:
+    return torch.empty(x.shape, dtype=x.dtype, device=device) if isinstance(x, torch.Tensor) else x
+
+
+def _to_meta(x: Any) -> Any:
+    return torch.empty(x.shape, dtype=x.dtype, device="meta") if isinstance(x, torch.Tensor) else x
+
+
+def _signature(arguments: dict) -> Any:
+    from torch.utils import _pytree as pytree
+
+    leaves = pytree.tree_leaves(arguments)
+    return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__ for x in leaves)
+
+
+def _default_resolution(pipe: Any, denoiser: torch.nn.Module) -> tuple[int, int]:
+    """The pipeline's default output size: the denoiser's sample size times the VAE's scale factor."""
+    size = getattr(denoiser.config, "sample_size", 64) if hasattr(denoiser, "config") else 64
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    return int(size * factor), int(size * factor)
 
 
 def _digest(t: torch.Tensor) -> str:

@@ -16,6 +16,7 @@ import torch
 from .denoiser import (
     TimestepArg,
     check_scheduler,
+    class_forward,
     find_denoiser,
     first_tensor,
     fresh_copy,
@@ -160,6 +161,6 @@ def simulate(
     sim = _Simulation(plan, stride, warm_up, time_shift, stride_eps)
     modules = dict(denoiser.named_modules())
     forwards = {name: sim.block_forward(name, modules[name].forward) for name in plan.blocks}
-    forwards[""] = sim.denoiser_forward(denoiser.forward, TimestepArg(denoiser.forward), pipe.scheduler)
+    forwards[""] = sim.denoiser_forward(denoiser.forward, TimestepArg(class_forward(denoiser)), pipe.scheduler)
     with _overridden(modules, forwards), torch.no_grad():
         return pipe(*args, **call_kwargs)

@@ -1,41 +1,27 @@
 """Worker side of the distributed CPU tests: every rank runs the same list of cases over gloo.
 
 A case is a dict: kind ("toy" or a tiny pipeline kind), plan, stride, warm_up, time_shift, stride_eps, steps,
-calls (pipeline calls in a row), and optionally "rank_plans" (a plan per rank, to provoke disagreement) or
-"model_n" without plan. Rank 0 returns, per case, ("ok", [outputs]) or ("error", type, message); other ranks
-return the same for errors so a test can check that no rank was left waiting.
+calls (pipeline calls in a row), and optionally "rank_plans" (a plan per rank, to provoke disagreement),
+"model_n" without a plan, "rank_seed" (a different generator seed per rank), "callback" ("drop_cfg" turns CFG off
+mid-run), "call" (extra pipeline kwargs), "no_generator". Every rank returns, per case, a dict with "status"
+("ok" or "error"), "error" (type and message), "outputs" (the pipeline's first output per call), and
+"param_bytes"/"expected_bytes" (the denoiser bytes this rank holds, and own blocks + replicated counted apart).
 """
 
 from __future__ import annotations
 
 import torch
 
-_PIPES: dict = {}
-
 
 def build(kind: str):
-    if kind not in _PIPES:
-        if kind == "toy":
-            from toy import ToyPipeline
-
-            _PIPES[kind] = ToyPipeline(6)
-        else:
-            from asyncdiff_rt.tiny import make_pipeline
-
-            _PIPES[kind] = make_pipeline(kind, seed=0)
-    return _PIPES[kind]
-
-
-def call(kind: str, pipe, steps: int):
+    """A fresh pipeline per case: AsyncDiff frees the weights of blocks other ranks own."""
     if kind == "toy":
-        pipe.scheduler = type(pipe.scheduler)(steps)
-        return torch.tensor(pipe(), dtype=torch.float64)
-    from asyncdiff_rt.tiny import call_kwargs
+        from toy import ToyPipeline
 
-    kwargs = call_kwargs(kind, steps=steps, seed=0)
-    kwargs["output_type"] = "latent"
-    out = pipe(**kwargs)
-    return first_output(out)
+        return ToyPipeline(6)
+    from asyncdiff_rt.tiny import make_pipeline
+
+    return make_pipeline(kind, seed=0)
 
 
 def first_output(out):
@@ -46,13 +32,65 @@ def first_output(out):
     return out[0]
 
 
+def pipeline_kwargs(case: dict, rank: int = 0) -> dict:
+    from asyncdiff_rt.tiny import call_kwargs
+
+    kwargs = call_kwargs(
+        case["kind"], steps=case.get("steps", 4), seed=case.get("seed", 0) + case.get("rank_seed", 0) * rank
+    )
+    kwargs["output_type"] = case.get("output_type", "latent")
+    kwargs.update(case.get("call", {}))
+    if case.get("no_generator"):
+        kwargs.pop("generator", None)
+    if case.get("callback") == "drop_cfg":
+
+        def drop_cfg(pipe, i, t, callback_kwargs):
+            if i == 1:
+                pipe._guidance_scale = 0.0
+                callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"].chunk(2)[-1]
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = drop_cfg
+        kwargs["callback_on_step_end_tensor_inputs"] = ["latents", "prompt_embeds"]
+    return kwargs
+
+
+def call(case: dict, pipe, rank: int):
+    if case["kind"] == "toy":
+        pipe.scheduler = type(pipe.scheduler)(case.get("steps", 6))
+        return torch.tensor(pipe(), dtype=torch.float64)
+    return first_output(pipe(**pipeline_kwargs(case, rank)))
+
+
+def own_plus_replicated_bytes(denoiser, plan, owned: set[str]) -> int:
+    listed = dict(denoiser.named_modules())
+    in_listed = set()
+    for name in plan.blocks:
+        in_listed |= {id(t) for t in list(listed[name].parameters()) + list(listed[name].buffers())}
+    total = 0
+    for t in list(denoiser.parameters()) + list(denoiser.buffers()):
+        if id(t) not in in_listed:
+            total += t.numel() * t.element_size()
+    for name in owned:
+        total += sum(
+            t.numel() * t.element_size() for t in list(listed[name].parameters()) + list(listed[name].buffers())
+        )
+    return total
+
+
 def run_cases(rank: int, world: int, cases: list[dict]):
     import asyncdiff_rt
+    from asyncdiff_rt.denoiser import find_denoiser
+    from asyncdiff_rt.schedule import roles
 
     results = []
     for case in cases:
         pipe = build(case["kind"])
+        if case.get("dtype_on_rank1") and rank == 1:
+            pipe.unet.to(case["dtype_on_rank1"])
         plan = case.get("rank_plans", [case.get("plan")] * world)[rank]
+        result: dict = {"status": "ok"}
+        ad = None
         try:
             ad = asyncdiff_rt.AsyncDiff(
                 pipe,
@@ -65,15 +103,31 @@ def run_cases(rank: int, world: int, cases: list[dict]):
                 stride_eps=case.get("stride_eps", "reuse"),
                 timeout_s=case.get("timeout_s", 60),
                 debug=case.get("debug", False),
+                drop_weights=case.get("drop_weights"),
             )
+            if case.get("schedule_swap"):
+                from diffusers import HeunDiscreteScheduler
+
+                pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+            outputs = [call(case, pipe, rank) for _ in range(case.get("calls", 1))]
+            result["outputs"] = outputs if (rank == 0 or case.get("all_outputs")) else None
+            if case.get("bytes"):
+                _, den = find_denoiser(pipe)
+                seg = roles(ad.model_n, ad.stride)[rank]
+                result["param_bytes"] = ad.parameter_bytes()
+                result["dropped_bytes"] = ad.dropped_bytes
+                full = build(case["kind"])
+                _, full_den = find_denoiser(full)
+                result["expected_bytes"] = own_plus_replicated_bytes(
+                    full_den, ad.plan, set(ad.plan.segments[seg].blocks)
+                )
+                result["full_bytes"] = sum(t.numel() * t.element_size() for t in full_den.parameters()) + sum(
+                    t.numel() * t.element_size() for t in full_den.buffers()
+                )
         except Exception as err:  # noqa: BLE001 - the test inspects it
-            results.append(("error", type(err).__name__, str(err)))
-            continue
-        try:
-            outs = [call(case["kind"], pipe, case.get("steps", 4)) for _ in range(case.get("calls", 1))]
-            results.append(("ok", outs if rank == 0 else None))
-        except Exception as err:  # noqa: BLE001
-            results.append(("error", type(err).__name__, str(err)))
+            result = {"status": "error", "error": (type(err).__name__, str(err))}
         finally:
-            ad.remove()
+            if ad is not None:
+                ad.remove()
+        results.append(result)
     return results

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from dist_cases import run_cases
+from toy import ToyPipeline
 
 from asyncdiff_rt import simulate
 from asyncdiff_rt.launch import spawn
-from dist_cases import run_cases
-from toy import ToyPipeline
 
 CASES_2 = [
     dict(kind="toy", plan=[["A"], ["B", "C"]], steps=6),
@@ -39,6 +39,6 @@ def expected(case):
 def test_gloo_equals_simulator(world, cases):
     results = spawn(run_cases, world, cases, timeout_s=120)
     for case, got in zip(cases, results[0]):
-        assert got[0] == "ok", got
-        for out in got[1]:
+        assert got["status"] == "ok", got
+        for out in got["outputs"]:
             torch.testing.assert_close(out, expected(case), rtol=0, atol=1e-12)
