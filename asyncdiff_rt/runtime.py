@@ -94,6 +94,7 @@ class AsyncDiff:
         drop_weights: free the weights of blocks other ranks own (default: when running one process per rank);
             warm-up then runs as a sequential pipeline across ranks. The pipeline keeps only this rank's blocks.
         height, width: the resolution to plan for when no plan is given (default: the pipeline's default).
+        graphs: replay each rank's forward as a CUDA graph (default: on CUDA); eager fallback, logged.
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class AsyncDiff:
         drop_weights: bool | None = None,
         height: int | None = None,
         width: int | None = None,
+        graphs: bool | None = None,
     ):
         # ---- arguments: every check here runs before any communication or denoiser work (DESIGN §6)
         if plan is not None and not isinstance(plan, Plan):
@@ -203,7 +205,7 @@ class AsyncDiff:
         self._segments = roles(model_n, stride)
         self._views = [self._make_view(r, None) for r in view_ranks]
         self._shape_key: Any = None  # the call signature the current trace and views belong to
-        self._twin = None if self.world_size == 1 else _meta_twin(self.denoiser)
+        self._twin = _meta_twin(self.denoiser) if model_n > 1 else None
         self._trace: Any = None
         self._specs: dict[str, tuple[Any, list[Any]]] = {}  # block -> (tree spec, example leaves on meta)
         self._placeholders: dict[str, Any] = {}
@@ -216,7 +218,9 @@ class AsyncDiff:
         self._store: dict[str, tuple[list[Any], Any]] = {}  # non-owned block -> its owner's last output
         self._fresh: dict[str, tuple[list[Any], Any]] = {}  # owned block -> this round's output
         self._view: _View | None = None  # None: every block computes (exact step)
-        self._record = False
+        self._recording: frozenset = frozenset()  # owned blocks whose outputs this forward keeps
+        self._graphs: dict[Any, Any] = {}
+        self._use_graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
         self._state = _CallState()
         self._saved_progress: dict | None = None
         self._height, self._width = height, width
@@ -240,8 +244,7 @@ class AsyncDiff:
                 raise ConfigError(f"warm_up must be an integer >= 1, got {warm_up!r}")
             self.warm_up = warm_up
         self._state = _CallState()
-        self._store.clear()
-        self._fresh.clear()
+        self._fresh = {}
 
     def schedule(self, num_steps: int) -> list[Step]:
         return make_schedule(num_steps, self.model_n, self.stride, self.warm_up, self.time_shift, self.stride_eps)
@@ -324,37 +327,34 @@ class AsyncDiff:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _prepare_shape(self, bound: Any) -> None:
-        """Per call signature: trace the meta twin for data flow and block output layouts (no weights needed)."""
+        """Per call signature: trace the meta twin for data flow and block output layouts (no weights needed),
+        then allocate the static buffers of Note [static buffers]. A new resolution keeps the plan."""
         key = _signature(bound.arguments)
-        if key == self._shape_key or self._twin is None:
+        if key == self._shape_key:
             return
-        from torch.utils import _pytree as pytree
-
-        from .trace import trace_denoiser
-
-        specs: dict[str, tuple[Any, list[Any]]] = {}
-        modules = dict(self._twin.named_modules())
-        handles = []
-        for name in self.plan.blocks:
-
-            def hook(_m: Any, _a: Any, out: Any, name: str = name) -> None:
-                leaves, spec = pytree.tree_flatten(out)
-                if name in specs:
-                    raise ConfigError(f"block {name!r} runs more than once per denoiser call: list its parts")
-                specs[name] = (spec, leaves)
-
-            handles.append(modules[name].register_forward_hook(hook))
-        meta_args = pytree.tree_map(_to_meta, bound.args)
-        meta_kwargs = pytree.tree_map(_to_meta, bound.kwargs)
-        try:
-            self._trace = trace_denoiser(self._twin, meta_args, meta_kwargs, self.plan.blocks)
-        finally:
-            for h in handles:
-                h.remove()
-        self._specs = specs
-        self._placeholders = {}
-        self._views = [self._make_view(r, self._trace) for r in self._view_ranks]
+        self._graphs.clear()
+        self._store, self._placeholders, self._specs = {}, {}, {}
+        if self._twin is not None:
+            self._trace, self._specs = _trace_twin(self._twin, self.plan.blocks, bound)
+            self._views = [self._make_view(r, self._trace) for r in self._view_ranks]
+            for view in self._views:
+                for name in view.needs:
+                    if name not in self._store:
+                        spec, leaves = self._specs[name]
+                        self._store[name] = ([_empty_like_meta(x, self.device) for x in leaves], spec)
         self._shape_key = key
+
+    def prepare(self, height: int, width: int, batch: int | None = None, **denoiser_call_overrides: Any) -> None:
+        """Do the set-up work for a resolution up front (trace, buffers), so the first real call starts fast.
+        CUDA graphs are captured on the first call of each shape."""
+        from .planning import example_inputs
+
+        param = self.device, self.dtype
+        batch = batch or 2
+        args, kwargs = example_inputs(
+            self.denoiser, height, width, batch, param[1], param[0], self.pipe, **denoiser_call_overrides
+        )
+        self._prepare_shape(self._timestep_arg.bind(args, kwargs))
 
     def _placeholder(self, name: str) -> Any:
         """Output of a block whose value this rank never reads: right shapes for the glue, zeros."""
@@ -362,10 +362,10 @@ class AsyncDiff:
             from torch.utils import _pytree as pytree
 
             spec, leaves = self._specs[name]
-            real = [
-                torch.zeros(x.shape, dtype=x.dtype, device=self.device) if isinstance(x, torch.Tensor) else x
-                for x in leaves
-            ]
+            real = [_empty_like_meta(x, self.device) for x in leaves]
+            for x in real:
+                if isinstance(x, torch.Tensor):
+                    x.zero_()
             self._placeholders[name] = pytree.tree_unflatten(real, spec)
         return self._placeholders[name]
 
@@ -403,8 +403,7 @@ class AsyncDiff:
         if self._saved_progress is not None:
             self.pipe._progress_bar_config = self._saved_progress
             self._saved_progress = None
-        self._store.clear()
-        self._fresh.clear()
+        self._fresh = {}
         self._state.pending_eps = self._state.template = None
 
     # ------------------------------------------------------------------------------------------ forwards
@@ -413,7 +412,7 @@ class AsyncDiff:
             view = self._view
             if view is None or name in view.owned:
                 out = original(*args, **kwargs)
-                if self._record or (self._sequential and name in self._views[0].sends):
+                if name in self._recording:
                     self._fresh[name] = snapshot(out)
                     if self._sequential:
                         self._send_now(name)
@@ -429,20 +428,16 @@ class AsyncDiff:
         """Sequential warm-up: hand a fresh owned output to the ranks that read it, as soon as it exists."""
         leaves = [x for x in self._fresh[name][0] if isinstance(x, torch.Tensor)]
         sends = {p: leaves for p, blocks in self._views[0].send_to.items() if name in blocks}
-        if sends:
-            self.transport.exchange(self._state.k - 1, sends, {})
+        self.transport.exchange(self._state.k - 1, sends, {})
 
     def _receive_now(self, name: str) -> Any:
         """Sequential warm-up: a block another rank owns; its fresh output arrives from the owner (if read)."""
-        view = self._views[0]
-        if name not in view.needs:
+        if name not in self._views[0].needs:
             return self._placeholder(name)
-        spec, leaves = self._specs[name]
-        new = [_empty_like_meta(x, self.device) for x in leaves]
+        leaves, spec = self._store[name]  # lands in the static buffer the first round replays
         owner = self._owner[name]  # rank r < n owns segment r
-        self.transport.exchange(self._state.k - 1, {}, {owner: [x for x in new if isinstance(x, torch.Tensor)]})
-        self._store[name] = (new, spec)  # after the last warm-up step: what the first round replays
-        return fresh_copy(new, spec)
+        self.transport.exchange(self._state.k - 1, {}, {owner: [x for x in leaves if isinstance(x, torch.Tensor)]})
+        return fresh_copy(leaves, spec)
 
     def _denoiser_forward(self, original: Any):
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -504,52 +499,90 @@ class AsyncDiff:
             if len(set(digests)) > 1:
                 raise RuntimeError(f"debug: latents differ across ranks at step {k}: {digests}")
 
+    def _run(self, original: Any, view: _View | None, recording: frozenset, args: tuple, kwargs: dict) -> Any:
+        """One forward of the denoiser as `view` sees it, replayed from a CUDA graph where possible."""
+        self._view, self._recording, self._fresh = view, recording, {}
+        try:
+            if not self._use_graphs:
+                return original(*args, **kwargs)
+            from .graphs import CapturedCall, signature_of
+
+            key = (view.rank if view is not None else None, recording, signature_of((args, kwargs)))
+            graph = self._graphs.get(key)
+            if graph is None:
+                try:
+                    graph = CapturedCall(original, args, kwargs)
+                    graph.fresh = self._fresh
+                except Exception as err:  # noqa: BLE001 - eager is always correct
+                    log.warning("asyncdiff_rt: CUDA graph capture failed, running eagerly: %s", err)
+                    self._use_graphs = False
+                    self._fresh = {}
+                    return original(*args, **kwargs)
+                self._graphs[key] = graph
+            out = graph(args, kwargs)
+            self._fresh = graph.fresh
+            return out
+        finally:
+            self._view, self._recording = None, frozenset()
+
     def _exact_step(self, k: int, original: Any, args: tuple, kwargs: dict) -> Any:
         """Warm-up: the whole denoiser, exactly. With all weights here every rank computes it all; with dropped
         weights it runs as a sequential pipeline across ranks, each owner handing its fresh outputs on. Either
         way the block outputs of the last warm-up step seed the first asynchronous round."""
         last_warm_up = k == self.warm_up - 1 and k + 1 < len(self._state.tau)
-        self._fresh = {}
         if self.dropped_bytes:
-            self._view, self._sequential = self._views[0], True
+            self._view, self._recording, self._sequential, self._fresh = (
+                self._views[0],
+                frozenset(self._views[0].sends),
+                True,
+                {},
+            )
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self._view, self._recording, self._sequential = None, frozenset(), False
         else:
-            self._view, self._record = None, last_warm_up
-        try:
-            out = original(*args, **kwargs)
-        finally:
-            self._view, self._record, self._sequential = None, False, False
-        if last_warm_up and not self.dropped_bytes:
-            self._store = dict(self._fresh)
-        self._fresh = {}
-        eps = first_tensor(out).contiguous()
+            out = self._run(original, None, frozenset(self._store) if last_warm_up else frozenset(), args, kwargs)
+            if last_warm_up:
+                self._keep(self._fresh)
+        eps = first_tensor(out).clone()  # the pipeline keeps ε (multistep schedulers): never hand out a buffer
         self.transport.broadcast(eps, src=self.model_n - 1, step=k)
         return replace_first_tensor(out, eps)
+
+    def _keep(self, fresh: dict[str, tuple[list[Any], Any]]) -> None:
+        """Copy outputs into the static store (Note [static buffers]): graphs read the store by address."""
+        for name, (leaves, _) in fresh.items():
+            if name in self._store:
+                for dst, src in zip(self._store[name][0], leaves):
+                    if isinstance(dst, torch.Tensor):
+                        dst.copy_(src)
 
     def _round(self, step: Step, original: Any, bound: Any) -> Any:
         st = self._state
         outs: dict[int, Any] = {}
-        self._fresh = {}
-        try:
-            for view in self._views:
-                self._view, self._record = view, view.rank < self.model_n
-                args, kwargs = TimestepArg.substitute(bound, st.tau[step.t_index[view.rank]])
-                outs[view.rank] = original(*args, **kwargs)
-        finally:
-            self._view, self._record = None, False
+        fresh: dict[str, tuple[list[Any], Any]] = {}
+        for view in self._views:
+            args, kwargs = TimestepArg.substitute(bound, st.tau[step.t_index[view.rank]])
+            recording = frozenset(view.sends) if view.rank < self.model_n else frozenset()
+            out = self._run(original, view, recording, args, kwargs)
+            outs[view.rank] = out if len(self._views) == 1 else _clone_first(out)  # a graph's output is reused
+            fresh.update(self._fresh)
         if self.transport_name == "local":
-            self._store.update(self._fresh)
-            eps = first_tensor(outs[step.eps_rank])
+            self._keep(fresh)
+            mine = first_tensor(outs[step.eps_rank])
+            eps = mine.clone()
             out = outs[step.eps_rank]
             if step.next_eps_rank >= 0:
                 st.pending_eps = first_tensor(outs[step.next_eps_rank]).clone()
         else:
+            self._fresh = fresh
             self._exchange(step.k)
             out = outs[self.rank]
             mine = first_tensor(out)
-            eps = mine.clone() if step.next_eps_rank == self.rank else mine.contiguous()  # broadcast overwrites
+            eps = mine.clone()  # the broadcast overwrites it; the pipeline keeps it
             self.transport.broadcast(eps, src=step.eps_rank, step=step.k)
             if step.next_eps_rank >= 0:
-                nxt = mine if self.rank == step.next_eps_rank else torch.empty_like(eps)
+                nxt = mine.clone() if self.rank == step.next_eps_rank else torch.empty_like(eps)
                 self.transport.broadcast(nxt, src=step.next_eps_rank, step=step.k)
                 st.pending_eps = nxt
         if self.stride == 2 and st.pending_eps is None and step.k + 1 < len(st.tau):
@@ -560,23 +593,18 @@ class AsyncDiff:
         return out
 
     def _exchange(self, k: int) -> None:
+        """Owned outputs to the ranks that read them; theirs into the static store, in place (the forward that
+        read the store has been issued before: the transport orders the receive after it)."""
         view = self._views[0]
         sends = {
             peer: [x for b in blocks for x in self._fresh[b][0] if isinstance(x, torch.Tensor)]
             for peer, blocks in view.send_to.items()
         }
-        received: dict[str, tuple[list[Any], Any]] = {}
-        recvs: dict[int, list[torch.Tensor]] = {}
-        for peer, blocks in view.recv_from.items():
-            bufs = []
-            for b in blocks:
-                spec, leaves = self._specs[b]
-                new = [_empty_like_meta(x, self.device) for x in leaves]
-                received[b] = (new, spec)
-                bufs += [x for x in new if isinstance(x, torch.Tensor)]
-            recvs[peer] = bufs
+        recvs = {
+            peer: [x for b in blocks for x in self._store[b][0] if isinstance(x, torch.Tensor)]
+            for peer, blocks in view.recv_from.items()
+        }
         self.transport.exchange(k, sends, recvs)
-        self._store.update(received)
 
 
 def _dist_ready() -> bool:
@@ -591,6 +619,37 @@ def _check_not_offloaded(denoiser: torch.nn.Module) -> None:
             "the denoiser has accelerate offload hooks (enable_model_cpu_offload / sequential offload / device_map): "
             "asyncdiff_rt keeps each rank's blocks on its GPU; load the pipeline without offloading"
         )
+
+
+def _trace_twin(twin: torch.nn.Module, blocks: list[str], bound: Any) -> tuple[Any, dict]:
+    """Data flow and each block's output layout (tree spec + meta leaves) for this call signature."""
+    from torch.utils import _pytree as pytree
+
+    from .trace import trace_denoiser
+
+    specs: dict[str, tuple[Any, list[Any]]] = {}
+    modules = dict(twin.named_modules())
+    handles = []
+    for name in blocks:
+
+        def hook(_m: Any, _a: Any, out: Any, name: str = name) -> None:
+            if name in specs:
+                raise ConfigError(f"block {name!r} runs more than once per denoiser call: list its parts instead")
+            leaves, spec = pytree.tree_flatten(out)
+            specs[name] = (spec, leaves)
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        meta_args, meta_kwargs = pytree.tree_map(_to_meta, (bound.args, bound.kwargs))
+        trace = trace_denoiser(twin, meta_args, meta_kwargs, blocks)
+    finally:
+        for h in handles:
+            h.remove()
+    return trace, specs
+
+
+def _clone_first(out: Any) -> Any:
+    return replace_first_tensor(out, first_tensor(out).clone())
 
 
 def _meta_twin(denoiser: torch.nn.Module) -> torch.nn.Module:
