@@ -86,25 +86,27 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         return {}
 
     pipe = make_pipeline("demo", seed=cfg.seed)
-    print(f"demo: built-in tiny SD-shaped pipeline, {cfg.steps} steps, model_n={cfg.model_n}, stride={cfg.stride}, "
-          f"warm_up={cfg.warm_up}, {world} process(es)")
+    print(
+        f"demo: built-in tiny SD-shaped pipeline, {cfg.steps} steps, model_n={cfg.model_n}, stride={cfg.stride}, "
+        f"warm_up={cfg.warm_up}, {world} process(es)"
+    )
     exact, t_exact = _timed(pipe, _call_kwargs(cfg))
     if under_torchrun:
         result = _async_worker(0, world, asdict(cfg))
     else:
         result = spawn(_async_worker, world, asdict(cfg), timeout_s=600)[0]
     plan = Plan.from_spec(result["plan"])
-    simulated = _latents(
-        simulate(pipe, plan=plan, stride=cfg.stride, warm_up=cfg.warm_up, **_call_kwargs(cfg))
-    )
+    simulated = _latents(simulate(pipe, plan=plan, stride=cfg.stride, warm_up=cfg.warm_up, **_call_kwargs(cfg)))
     vs_exact, vs_sim = compare(exact, result["latents"]), compare(simulated, result["latents"])
     os.makedirs(cfg.out, exist_ok=True)
     _save_png(pipe, exact, os.path.join(cfg.out, "sequential.png"))
     _save_png(pipe, result["latents"], os.path.join(cfg.out, "asynchronous.png"))
     print(plan.describe())
     print(f"sequential (1 process):        {t_exact * 1000:8.1f} ms")
-    print(f"asynchronous ({world} processes):  {result['seconds'] * 1000:8.1f} ms   "
-          f"({t_exact / result['seconds']:.2f}x; on a CPU the processes share cores: the speed-up is for GPUs)")
+    print(
+        f"asynchronous ({world} processes):  {result['seconds'] * 1000:8.1f} ms   "
+        f"({t_exact / result['seconds']:.2f}x; on a CPU the processes share cores: the speed-up is for GPUs)"
+    )
     print(f"fidelity vs sequential:  {format_fidelity(vs_exact)}")
     print(f"agreement with simulate: max |diff| {vs_sim['max_abs']:.3g} (the runtime computes the definition)")
     print(f"images: {os.path.join(cfg.out, 'sequential.png')}, {os.path.join(cfg.out, 'asynchronous.png')}")

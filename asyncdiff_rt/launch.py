@@ -24,9 +24,10 @@ __all__ = ["spawn", "WorkerError", "free_port"]
 class WorkerError(RuntimeError):
     """A worker raised, died or outlived the deadline; the message carries each rank's error."""
 
-    def __init__(self, message: str, errors: dict[int, str]):
+    def __init__(self, message: str, errors: dict[int, str], results: list[Any]):
         super().__init__(message)
         self.errors = errors
+        self.results = results  # what the ranks that finished returned (None for the others)
 
 
 def free_port() -> int:
@@ -58,9 +59,7 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, out_path: str, 
     torch.save(result, out_path)
 
 
-def spawn(
-    fn: Callable, world_size: int, *args: Any, timeout_s: float = 300.0, env: dict | None = None
-) -> list[Any]:
+def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 300.0, env: dict | None = None) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` fresh processes; return the results in rank order.
 
     `fn` must be importable (a module-level function). Raises WorkerError naming the ranks that failed.
@@ -100,5 +99,5 @@ def spawn(
                     results.append(value)
         if errors:
             detail = "\n".join(f"--- rank {r}: {msg}" for r, msg in sorted(errors.items()))
-            raise WorkerError(f"{len(errors)} of {world_size} worker(s) failed:\n{detail}", errors)
+            raise WorkerError(f"{len(errors)} of {world_size} worker(s) failed:\n{detail}", errors, results)
         return results

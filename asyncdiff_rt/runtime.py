@@ -95,6 +95,8 @@ class AsyncDiff:
             warm-up then runs as a sequential pipeline across ranks. The pipeline keeps only this rank's blocks.
         height, width: the resolution to plan for when no plan is given (default: the pipeline's default).
         graphs: replay each rank's forward as a CUDA graph (default: on CUDA); eager fallback, logged.
+        compile: torch.compile each rank's whole forward (owned blocks, replays and glue as one region) before
+            capturing it; the first call then takes the compile time (DESIGN §5, MEASUREMENTS).
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class AsyncDiff:
         height: int | None = None,
         width: int | None = None,
         graphs: bool | None = None,
+        compile: bool = False,
     ):
         # ---- arguments: every check here runs before any communication or denoiser work (DESIGN §6)
         if plan is not None and not isinstance(plan, Plan):
@@ -174,7 +177,7 @@ class AsyncDiff:
             self.rank, self.world_size = 0, 1
             view_ranks = list(range(self.world_needed))
         else:
-            ensure_process_group(self.device, timeout_s)
+            ensure_process_group(self.device, timeout_s, self.transport_name)
             import torch.distributed as dist
 
             world = dist.get_world_size(group)
@@ -191,6 +194,10 @@ class AsyncDiff:
 
         # ---- plan: rank 0 decides and broadcasts; every rank checks hash, dtype and device type
         try:
+            if plan is None and model_n == 1:
+                from .blocks import candidate_blocks
+
+                plan = Plan.from_spec([candidate_blocks(self.denoiser)])  # one segment: nothing to balance
             if plan is None:
                 mine = self._plan_on_rank0() if self.rank == 0 else None
                 plan = Plan.from_json(self.transport.broadcast_object(mine.to_json() if mine else None, src=0))
@@ -221,6 +228,8 @@ class AsyncDiff:
         self._recording: frozenset = frozenset()  # owned blocks whose outputs this forward keeps
         self._graphs: dict[Any, Any] = {}
         self._use_graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
+        self._compile = compile
+        self._compiled: Any = None
         self._state = _CallState()
         self._saved_progress: dict | None = None
         self._height, self._width = height, width
@@ -229,7 +238,7 @@ class AsyncDiff:
         self._timestep_arg = TimestepArg(class_forward(self.denoiser))
         self._overrides = ForwardOverrides()
         modules = dict(self.denoiser.named_modules())
-        for name in plan.blocks:
+        for name in plan.blocks if self.world_needed > 1 else ():  # one segment: nothing to replay or send
             self._overrides.install(modules[name], lambda orig, name=name: self._block_forward(name, orig))
         self._overrides.install(self.denoiser, self._denoiser_forward)
         self._call_params = set(inspect.signature(type(pipeline).__call__).parameters)
@@ -502,6 +511,10 @@ class AsyncDiff:
     def _run(self, original: Any, view: _View | None, recording: frozenset, args: tuple, kwargs: dict) -> Any:
         """One forward of the denoiser as `view` sees it, replayed from a CUDA graph where possible."""
         self._view, self._recording, self._fresh = view, recording, {}
+        if self._compile:
+            if self._compiled is None:
+                self._compiled = torch.compile(original, dynamic=False)
+            original = self._compiled
         try:
             if not self._use_graphs:
                 return original(*args, **kwargs)

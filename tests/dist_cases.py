@@ -42,6 +42,16 @@ def pipeline_kwargs(case: dict, rank: int = 0) -> dict:
     kwargs.update(case.get("call", {}))
     if case.get("no_generator"):
         kwargs.pop("generator", None)
+    if case.get("kill_rank") == rank:
+
+        def die(pipe, i, t, callback_kwargs):
+            if i == 2:
+                import os
+
+                os._exit(3)  # a peer dying mid-run, without a word
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = die
     if case.get("callback") == "drop_cfg":
 
         def drop_cfg(pipe, i, t, callback_kwargs):

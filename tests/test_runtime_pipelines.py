@@ -64,6 +64,8 @@ WORLD2 = {
     "sd3_n2": dict(kind="sd3", plan=SD3_N2, steps=5, bytes=True),
     "sd15_two_calls": dict(kind="sd15", plan=SD_N2, steps=4, calls=2, debug=True),
     "sd15_full_weights": dict(kind="sd15", plan=SD_N2, steps=5, drop_weights=False),
+    "sd15_shm": dict(kind="sd15", plan=SD_N2, steps=5, transport="shm"),
+    "sdxl_shm_cut_up": dict(kind="sdxl", plan=SDXL_CUT_UP, steps=5, transport="shm"),
     # PNDM (sd15) calls the denoiser once per timestep, num_inference_steps + 1 times: warm_up covers them all
     "sd15_exact_warm_up": dict(kind="sd15", plan=SD_N2, steps=4, warm_up=5),
     "sd15_no_generator": dict(kind="sd15", plan=SD_N2, steps=3, no_generator=True, all_outputs=True, debug=True),
@@ -147,7 +149,18 @@ def assert_async_matches_simulator(case: dict, rank0: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["sd15_n2", "sd21_n2_shift", "sdxl_n2", "sdxl_cut_up", "sdxl_head_tail", "sd3_n2", "sd15_full_weights"]
+    "name",
+    [
+        "sd15_n2",
+        "sd21_n2_shift",
+        "sdxl_n2",
+        "sdxl_cut_up",
+        "sdxl_head_tail",
+        "sd3_n2",
+        "sd15_full_weights",
+        "sd15_shm",
+        "sdxl_shm_cut_up",
+    ],
 )
 def test_world2_equals_simulator(world2, name):
     assert_async_matches_simulator(WORLD2[name], ok(world2[name]))
@@ -215,3 +228,23 @@ def test_bad_input_fails_clearly_on_every_rank(world2, name):
         assert res["status"] == "error", f"rank {r} did not fail"
         assert res["error"][0] == kind, res["error"]
         assert text in res["error"][1], res["error"][1]
+
+
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
+def test_dead_peer_makes_the_others_raise_within_the_timeout(transport):
+    import time
+
+    from asyncdiff_rt.launch import WorkerError
+
+    case = dict(kind="sd15", plan=SD_N2, steps=6, transport=transport, timeout_s=5, kill_rank=1)
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        spawn(run_cases, 2, [case], timeout_s=120)
+    elapsed = time.monotonic() - start
+    errors = info.value.errors
+    assert "exit code 3" in errors[1]  # rank 1 died ...
+    assert 0 not in errors  # ... and rank 0 returned (no hang), with an error naming the peer and the step
+    status = info.value.results[0][0]
+    assert status["status"] == "error" and status["error"][0] == "TransportError", status
+    assert "rank 1" in status["error"][1] and "step" in status["error"][1], status["error"][1]
+    assert elapsed < 60

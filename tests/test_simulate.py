@@ -1,9 +1,9 @@
 """The simulator against asynchronous denoising worked out by hand on the toy denoiser (tests/toy.py)."""
 
 import pytest
+from toy import ToyPipeline
 
 from asyncdiff_rt import simulate
-from toy import ToyPipeline
 
 PLAN3 = [["A"], ["B"], ["C"]]
 PLAN2 = [["A"], ["B", "C"]]

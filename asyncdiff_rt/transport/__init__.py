@@ -16,8 +16,9 @@ __all__ = ["Transport", "TransportError", "make_transport", "ensure_process_grou
 TRANSPORTS = ("auto", "nccl", "shm", "gloo", "local")
 
 
-def ensure_process_group(device: torch.device, timeout_s: float) -> None:
-    """Use the caller's process group; otherwise initialise one from torchrun's environment (never twice)."""
+def ensure_process_group(device: torch.device, timeout_s: float, transport: str = "auto") -> None:
+    """Use the caller's process group; otherwise initialise one from torchrun's environment (never twice):
+    NCCL when the runtime exchanges through NCCL, else gloo (shm and gloo only need its store and CPU ops)."""
     if dist.is_available() and dist.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -25,8 +26,8 @@ def ensure_process_group(device: torch.device, timeout_s: float) -> None:
             "asyncdiff_rt needs one process per rank: launch with `torchrun --nproc_per_node=N script.py` "
             "(N = model_n + stride - 1), initialise torch.distributed yourself, or use transport='local'"
         )
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if backend == "nccl":
+    backend = "nccl" if device.type == "cuda" and transport == "nccl" else "gloo"
+    if backend == "nccl" and device.index is None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 

@@ -1,0 +1,191 @@
+"""The real architectures with random weights: SD1.5, SD2.1, SDXL UNets and SD3-medium's transformer, with
+real-config VAEs, as whole diffusers pipelines that take prompt embeddings directly (no text encoders, no
+downloads). Speed does not depend on weight values (DESIGN §8), so benchmarks and `asyncdiff-rt plan` use these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["ARCHS", "build_pipeline", "prompt_kwargs", "default_size"]
+
+_SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+)
+
+_SD_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+
+ARCHS: dict[str, dict[str, Any]] = {
+    "sd15": dict(size=512, unet=_SD_UNET, vae=_SD_VAE, text_dim=768, text_len=77),
+    "sd21": dict(
+        size=768,
+        unet={
+            **_SD_UNET,
+            "sample_size": 96,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        },
+        vae={**_SD_VAE, "sample_size": 768},
+        text_dim=1024,
+        text_len=77,
+        prediction_type="v_prediction",
+    ),
+    "sdxl": dict(
+        size=1024,
+        unet=dict(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            block_out_channels=[320, 640, 1280],
+            layers_per_block=2,
+            transformer_layers_per_block=[1, 2, 10],
+            attention_head_dim=[5, 10, 20],
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ),
+        vae={**_SD_VAE, "sample_size": 1024, "force_upcast": True},
+        text_dim=2048,
+        text_len=77,
+        pooled_dim=1280,
+    ),
+    "sd3": dict(
+        size=1024,
+        transformer=dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=192,
+        ),
+        vae={
+            **_SD_VAE,
+            "latent_channels": 16,
+            "sample_size": 1024,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+            "shift_factor": 0.0609,
+            "scaling_factor": 1.5305,
+        },
+        text_dim=4096,
+        text_len=333,  # 77 CLIP + 256 T5 tokens
+        pooled_dim=2048,
+    ),
+}
+
+
+def default_size(name: str) -> int:
+    return ARCHS[name]["size"]
+
+
+def build_pipeline(name: str, dtype: torch.dtype = torch.float16, device: str = "cuda", seed: int = 0) -> Any:
+    """A diffusers pipeline of the real architecture `name` with random weights (no text encoders)."""
+    import diffusers as d
+
+    if name not in ARCHS:
+        raise ValueError(f"unknown architecture {name!r}: one of {', '.join(ARCHS)}")
+    spec = ARCHS[name]
+    torch.manual_seed(seed)
+    if name == "sd3":
+        scheduler = d.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    else:
+        scheduler = d.EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
+            steps_offset=1,
+            prediction_type=spec.get("prediction_type", "epsilon"),
+        )
+    with torch.device(device):  # weights made where they live: no host copy of 2.6B parameters
+        vae = d.AutoencoderKL(**spec["vae"])
+        if name == "sd3":
+            denoiser = d.SD3Transformer2DModel(**spec["transformer"])
+            pipe = d.StableDiffusion3Pipeline(
+                transformer=denoiser,
+                scheduler=scheduler,
+                vae=vae,
+                text_encoder=None,
+                tokenizer=None,
+                text_encoder_2=None,
+                tokenizer_2=None,
+                text_encoder_3=None,
+                tokenizer_3=None,
+            )
+        else:
+            denoiser = d.UNet2DConditionModel(**spec["unet"])
+            if name == "sdxl":
+                pipe = d.StableDiffusionXLPipeline(
+                    vae=vae,
+                    text_encoder=None,
+                    text_encoder_2=None,
+                    tokenizer=None,
+                    tokenizer_2=None,
+                    unet=denoiser,
+                    scheduler=scheduler,
+                )
+            else:
+                pipe = d.StableDiffusionPipeline(
+                    vae=vae,
+                    text_encoder=None,
+                    tokenizer=None,
+                    unet=denoiser,
+                    scheduler=scheduler,
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
+    pipe.to(device=device, dtype=dtype)
+    return pipe
+
+
+def prompt_kwargs(name: str, pipe: Any, batch: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Random prompt embeddings of the right shapes (what the text encoders would return) and the call size."""
+    spec = ARCHS[name]
+    dev, dtype = pipe._execution_device, pipe.vae.dtype
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=dev, dtype=dtype)
+
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": rand(batch, spec["text_len"], spec["text_dim"]),
+        "negative_prompt_embeds": rand(batch, spec["text_len"], spec["text_dim"]),
+        "height": spec["size"],
+        "width": spec["size"],
+    }
+    if "pooled_dim" in spec:
+        kwargs["pooled_prompt_embeds"] = rand(batch, spec["pooled_dim"])
+        kwargs["negative_pooled_prompt_embeds"] = rand(batch, spec["pooled_dim"])
+    return kwargs

@@ -1,0 +1,288 @@
+"""`asyncdiff-rt bench` / `python benchmarks/latency.py`: the denoising loop's latency on the real architectures.
+
+One model per invocation (each fits a device call); results are merged into
+`<out>/latency_<model>_<device>.json` (resumable: variants already measured are skipped unless --force), with a
+markdown table and a PNG chart beside it. Every figure is a median of --runs timed runs after one warm run, with
+min/max and peak GPU memory; ratios are taken within one run of this script.
+
+Variants:
+  eager              diffusers as the user runs it
+  graph_floor        the same denoiser replayed as a plain CUDA graph, no runtime (the floor for model_n=1)
+  compile_default    diffusers with torch.compile(unet) default mode (compile time separately)
+  compile_ro         ... mode="reduce-overhead"
+  ours_n1            asyncdiff_rt model_n=1 (exact; CUDA graphs)
+  ours_n1_compile    ... with compile=True
+  ours_shm2/ours_shm3  asyncdiff_rt model_n=2/3 as 2/3 processes on ONE GPU over shm (the runtime's overhead:
+                     segments share one GPU, so this is not a speed-up)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["main"]
+
+VARIANTS = (
+    "eager",
+    "graph_floor",
+    "compile_default",
+    "compile_ro",
+    "ours_n1",
+    "ours_n1_compile",
+    "ours_shm2",
+    "ours_shm3",
+)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _latents(out: Any) -> torch.Tensor:
+    return out.images if hasattr(out, "images") else out[0]
+
+
+def _time_loop(pipe: Any, kwargs: dict, runs: int) -> dict[str, Any]:
+    """One warm run (its time reported as first_call_s: capture/compile), then `runs` timed runs."""
+    torch.cuda.reset_peak_memory_stats()
+    _sync()
+    t0 = time.perf_counter()
+    latents = _latents(pipe(**kwargs))
+    _sync()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(runs):
+        _sync()
+        t0 = time.perf_counter()
+        latents = _latents(pipe(**kwargs))
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return {
+        "first_call_s": first,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "runs": len(times),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "latents": latents.float().cpu(),
+    }
+
+
+def _graph_floor(pipe: Any) -> None:
+    """Replace the denoiser's forward by a plain CUDA-graph replay per call signature (no runtime)."""
+    from .denoiser import find_denoiser
+    from .graphs import CapturedCall, signature_of
+
+    _, den = find_denoiser(pipe)
+    original, graphs = den.forward, {}
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        key = signature_of((args, kwargs))
+        if key not in graphs:
+            graphs[key] = CapturedCall(original, args, kwargs)
+        out = graphs[key](args, kwargs)
+        return (out[0].clone(),) if isinstance(out, tuple) else type(out)(sample=out[0].clone())
+
+    den.forward = forward
+
+
+def _decode_ms(pipe: Any, latents: torch.Tensor) -> float:
+    vae = pipe.vae
+    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    with torch.no_grad():
+        vae.decode(z[:1])
+        _sync()
+        t0 = time.perf_counter()
+        vae.decode(z[:1])
+        _sync()
+    return (time.perf_counter() - t0) * 1000
+
+
+def _shm_worker(rank: int, world: int, model: str, steps: int, runs: int, variant: str) -> dict | None:
+    import asyncdiff_rt
+    from asyncdiff_rt.archs import build_pipeline, prompt_kwargs
+
+    torch.cuda.set_device(0)
+    pipe = build_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    ad = asyncdiff_rt.AsyncDiff(pipe, model_n=world, warm_up=1, transport="shm", timeout_s=600)
+    kwargs = {
+        **prompt_kwargs(model, pipe),
+        "num_inference_steps": steps,
+        "output_type": "latent",
+        "generator": torch.Generator("cpu").manual_seed(0),
+    }
+    result = _time_loop(pipe, kwargs, runs)
+    result["plan"] = ad.plan.to_dict()
+    result["param_gib_rank"] = ad.parameter_bytes() / 2**30
+    ad.remove()
+    return result if rank == 0 else {"param_gib_rank": result["param_gib_rank"]}
+
+
+def run_variant(model: str, variant: str, steps: int, runs: int) -> dict[str, Any]:
+    import asyncdiff_rt
+    from asyncdiff_rt.archs import build_pipeline, prompt_kwargs
+    from asyncdiff_rt.launch import spawn
+
+    if variant.startswith("ours_shm"):
+        world = int(variant[-1])
+        results = spawn(_shm_worker, world, model, steps, runs, variant, timeout_s=900)
+        res = results[0]
+        res["param_gib_per_rank"] = [r["param_gib_rank"] for r in results]
+        return res
+    pipe = build_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {
+        **prompt_kwargs(model, pipe),
+        "num_inference_steps": steps,
+        "output_type": "latent",
+        "generator": torch.Generator("cpu").manual_seed(0),
+    }
+    den = pipe.transformer if model == "sd3" else pipe.unet
+    extra: dict[str, Any] = {}
+    if variant == "graph_floor":
+        _graph_floor(pipe)
+    elif variant.startswith("compile_"):
+        den.compile(mode="reduce-overhead" if variant == "compile_ro" else None)
+    elif variant.startswith("ours_n1"):
+        asyncdiff_rt.AsyncDiff(pipe, model_n=1, warm_up=1, compile=variant.endswith("compile"))
+    res = _time_loop(pipe, kwargs, runs)
+    if variant == "eager":
+        extra["vae_decode_ms"] = _decode_ms(pipe, res["latents"])
+    res.update(extra)
+    del pipe
+    torch.cuda.empty_cache()
+    return res
+
+
+def _markdown(data: dict[str, Any]) -> str:
+    meta, rows = data["meta"], data["variants"]
+    base = rows.get("eager", {}).get("median_s")
+    floor = rows.get("graph_floor", {}).get("median_s")
+    lines = [
+        f"# {meta['model']} at {meta['size']} px, {meta['steps']} steps, batch 2 (CFG), fp16 — {meta['device']}",
+        "",
+        f"torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}. Median of {meta['runs']} runs after "
+        "one warm run; first call = capture/compile included.",
+        "",
+        "| variant | loop median (s) | min–max (s) | per step (ms) | vs eager | vs graph floor | first call (s) "
+        "| peak mem (GiB) | max abs diff vs eager |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in VARIANTS:
+        r = rows.get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | | | | |")
+            continue
+        med = r["median_s"]
+        lines.append(
+            f"| {name} | {med:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | {med / meta['steps'] * 1000:.2f} | "
+            f"{base / med:.2f}x | {floor / med if floor else float('nan'):.3f} | {r['first_call_s']:.1f} | "
+            f"{r['peak_mem_gib']:.1f} | {r.get('max_abs_vs_eager', float('nan')):.3g} |"
+        )
+    if "vae_decode_ms" in rows.get("eager", {}):
+        lines += ["", f"VAE decode (one image, separately): {rows['eager']['vae_decode_ms']:.1f} ms"]
+    return "\n".join(lines) + "\n"
+
+
+def _chart(data: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [(n, data["variants"][n]["median_s"]) for n in VARIANTS if "median_s" in data["variants"].get(n, {})]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.barh([n for n, _ in rows][::-1], [v for _, v in rows][::-1], color="#4477aa")
+    ax.set_xlabel(f"{data['meta']['steps']}-step loop latency (s)")
+    ax.set_title(f"{data['meta']['model']} {data['meta']['size']} px on {data['meta']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import diffusers
+
+    from .archs import ARCHS
+
+    p = argparse.ArgumentParser(
+        prog="asyncdiff-rt bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", required=True, choices=list(ARCHS))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--force", action="store_true", help="measure variants already in the results file again")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench measures GPU latency: no CUDA device here")
+    device = torch.cuda.get_device_name(0)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"latency_{args.model}_{device.replace(' ', '_')}")
+    data = {"meta": {}, "variants": {}}
+    if os.path.exists(stem + ".json"):
+        with open(stem + ".json") as f:
+            data = json.load(f)
+    data["meta"] = {
+        "model": args.model,
+        "size": ARCHS[args.model]["size"],
+        "steps": args.steps,
+        "runs": args.runs,
+        "device": device,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    eager_latents = None
+    for variant in args.variants.split(","):
+        if variant in data["variants"] and "error" not in data["variants"][variant] and not args.force:
+            print(f"{variant}: already measured, skipped (--force to redo)")
+            continue
+        print(f"{variant}: running", flush=True)
+        try:
+            res = run_variant(args.model, variant, args.steps, args.runs)
+        except Exception as err:  # noqa: BLE001 - a failed variant is reported, the others still run
+            import traceback
+
+            traceback.print_exc()
+            data["variants"][variant] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        latents = res.pop("latents")
+        if variant == "eager":
+            eager_latents = latents
+            torch.save(latents, stem + "_eager_latents.pt")
+        elif eager_latents is None and os.path.exists(stem + "_eager_latents.pt"):
+            eager_latents = torch.load(stem + "_eager_latents.pt")
+        if eager_latents is not None and variant in (
+            "graph_floor",
+            "compile_default",
+            "compile_ro",
+            "ours_n1",
+            "ours_n1_compile",
+        ):
+            res["max_abs_vs_eager"] = float((latents - eager_latents).abs().max())
+        data["variants"][variant] = res
+        print(f"{variant}: median {res['median_s']:.3f} s", flush=True)
+        with open(stem + ".json", "w") as f:
+            json.dump(data, f, indent=2)
+    with open(stem + ".json", "w") as f:
+        json.dump(data, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(_markdown(data))
+    _chart(data, stem + ".png")
+    print(_markdown(data))
+    return 0
