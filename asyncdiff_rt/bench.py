@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
     }
     eager_latents = None
+    # the eager run's latents, to compare the other variants against (kept out of the results folder)
+    latents_path = os.path.join(tempfile.gettempdir(), f"asyncdiff_rt_{os.path.basename(stem)}_eager.pt")
     for variant in args.variants.split(","):
         if variant in data["variants"] and "error" not in data["variants"][variant] and not args.force:
             print(f"{variant}: already measured, skipped (--force to redo)")
@@ -264,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         latents = res.pop("latents")
         if variant == "eager":
             eager_latents = latents
-            torch.save(latents, stem + "_eager_latents.pt")
-        elif eager_latents is None and os.path.exists(stem + "_eager_latents.pt"):
-            eager_latents = torch.load(stem + "_eager_latents.pt")
+            torch.save(latents, latents_path)
+        elif eager_latents is None and os.path.exists(latents_path):
+            eager_latents = torch.load(latents_path)
         if eager_latents is not None and variant in (
             "graph_floor",
             "compile_default",

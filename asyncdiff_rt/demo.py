@@ -41,8 +41,9 @@ def _latents(out: Any) -> torch.Tensor:
     return out.images if hasattr(out, "images") else out[0]
 
 
-def _timed(pipe: Any, kwargs: dict[str, Any]) -> tuple[torch.Tensor, float]:
-    pipe(**{**kwargs, "num_inference_steps": 2})  # warm: allocator, kernels, first-call set-up
+def _timed(pipe: Any, cfg: DemoConfig) -> tuple[torch.Tensor, float]:
+    pipe(**{**_call_kwargs(cfg), "num_inference_steps": 2})  # warm: allocator, kernels, first-call set-up
+    kwargs = _call_kwargs(cfg)  # a fresh generator: the same noise as every other run of this config
     start = time.perf_counter()
     latents = _latents(pipe(**kwargs))
     return latents, time.perf_counter() - start
@@ -59,7 +60,7 @@ def _async_worker(rank: int, world: int, cfg_dict: dict) -> dict[str, Any] | Non
     ad = asyncdiff_rt.AsyncDiff(
         pipe, model_n=cfg.model_n, stride=cfg.stride, warm_up=cfg.warm_up, transport=cfg.transport
     )
-    latents, seconds = _timed(pipe, _call_kwargs(cfg))
+    latents, seconds = _timed(pipe, cfg)
     result = {"latents": latents, "seconds": seconds, "plan": ad.plan.to_dict()} if rank == 0 else None
     ad.remove()
     return result
@@ -90,7 +91,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         f"demo: built-in tiny SD-shaped pipeline, {cfg.steps} steps, model_n={cfg.model_n}, stride={cfg.stride}, "
         f"warm_up={cfg.warm_up}, {world} process(es)"
     )
-    exact, t_exact = _timed(pipe, _call_kwargs(cfg))
+    exact, t_exact = _timed(pipe, cfg)
     if under_torchrun:
         result = _async_worker(0, world, asdict(cfg))
     else:
@@ -101,7 +102,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     os.makedirs(cfg.out, exist_ok=True)
     _save_png(pipe, exact, os.path.join(cfg.out, "sequential.png"))
     _save_png(pipe, result["latents"], os.path.join(cfg.out, "asynchronous.png"))
-    print(plan.describe())
+    from .planning import format_plan_table
+
+    print(format_plan_table(plan))
     print(f"sequential (1 process):        {t_exact * 1000:8.1f} ms")
     print(
         f"asynchronous ({world} processes):  {result['seconds'] * 1000:8.1f} ms   "

@@ -41,6 +41,8 @@ class Plan:
         """Accept a Plan, a list of segments (each a list of module names), a JSON string or a file path."""
         if isinstance(spec, Plan):
             return spec
+        if isinstance(spec, dict):
+            return cls.from_json(json.dumps(spec))
         if isinstance(spec, (str, os.PathLike)):
             text = str(spec)
             if not text.lstrip().startswith("{") and not text.lstrip().startswith("["):

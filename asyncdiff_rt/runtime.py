@@ -141,6 +141,7 @@ class AsyncDiff:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
 
         self.pipe = pipeline
+        self._height, self._width = height, width
         self.denoiser_attr, self.denoiser = find_denoiser(pipeline)
         if getattr(self.denoiser, "_asyncdiff_rt_dropped", False):
             raise ConfigError(
@@ -199,8 +200,11 @@ class AsyncDiff:
 
                 plan = Plan.from_spec([candidate_blocks(self.denoiser)])  # one segment: nothing to balance
             if plan is None:
-                mine = self._plan_on_rank0() if self.rank == 0 else None
-                plan = Plan.from_json(self.transport.broadcast_object(mine.to_json() if mine else None, src=0))
+                decided = self._plan_on_rank0() if self.rank == 0 else None
+                status, text = self.transport.broadcast_object(decided, src=0)
+                if status != "ok":  # every rank fails alike, none is left waiting
+                    raise ConfigError(f"rank 0 could not plan the partition: {text}")
+                plan = Plan.from_json(text)
                 plan.validate(self.denoiser)
             self._agree(plan)
         except (ConfigError, PlanError, DenoiserError):
@@ -232,7 +236,6 @@ class AsyncDiff:
         self._compiled: Any = None
         self._state = _CallState()
         self._saved_progress: dict | None = None
-        self._height, self._width = height, width
 
         # ---- hooks (last: nothing is installed if anything above raised)
         self._timestep_arg = TimestepArg(class_forward(self.denoiser))
@@ -265,11 +268,23 @@ class AsyncDiff:
         self.transport.close()
 
     # ------------------------------------------------------------------------------------------ set-up
-    def _plan_on_rank0(self) -> Plan:
+    def _plan_on_rank0(self) -> tuple[str, str]:
+        """("ok", plan JSON) or ("error", why): rank 0 measures and partitions, then tells every rank."""
         from .planning import plan_for
 
         height, width = _default_resolution(self.pipe, self.denoiser)
-        return plan_for(self.pipe, self.model_n, height=self._height or height, width=self._width or width)
+        try:
+            plan = plan_for(
+                self.pipe,
+                self.model_n,
+                height=self._height or height,
+                width=self._width or width,
+                repeats=20 if self.device.type == "cuda" else 3,  # CPU timings are coarse anyway
+            )
+        except Exception as err:  # noqa: BLE001 - reported on every rank
+            log.exception("asyncdiff_rt: planning failed")
+            return "error", f"{type(err).__name__}: {err}"
+        return "ok", plan.to_json()
 
     def _agree(self, plan: Plan) -> None:
         from . import __version__

@@ -1,0 +1,429 @@
+"""`shm`: page-locked shared host memory between the processes of one host (DESIGN §1, csrc/shm_channel.h).
+
+One native `ShmChannel` per directed peer pair that is used, created by the sender and opened by the receiver,
+named `<prefix>_<src>to<dst>_g<generation>`; the prefix comes from rank 0 through the torch.distributed store.
+Each channel counts its own messages (its seq), so both sides agree without a global op counter even when a
+rank takes part in only some exchanges. A channel grows (a new generation) when a message does not fit; both
+sides take the same decision because they see the same sizes in the same order (the Transport contract).
+
+On CPU the calls are blocking memcpys. On a GPU they are enqueued on a high-priority communication stream of
+this transport, ordered after the caller's current stream and before the caller's later work (Note [stream
+ordering] in csrc/streams.h); the host never synchronises in steady state except to keep at most
+`max_inflight` exchanges outstanding, which is also where a stalled or dead peer is noticed (the timeout).
+
+Note [shm watchdog]: a GPU stream blocked on a flag that a dead peer will never write would hang whatever host
+call waits on that stream next (a `.cpu()`, a synchronize), outside any transport call. A watchdog thread per
+GPU transport therefore polls the completion of every outstanding exchange (words the streams write into the
+shared header: no CUDA call, which would block behind a synchronous copy in the main thread); when a peer
+process exited, marked a channel failed, or nothing completed for `timeout_s`, it marks every channel failed and
+writes the awaited flag values from the host until the streams drained. The data of that step is then garbage: the next
+transport call (`exchange`, `broadcast`, `synchronize`) raises TransportError naming the step, so callers must
+call `synchronize()` before they trust a result (the runtime does, at the end of each pipeline call).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import pickle
+import secrets
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from .. import native
+from .base import Transport, TransportError
+
+__all__ = ["ShmTransport", "StoreRendezvous", "group_store"]
+
+_MIN_CAPACITY = 64 * 1024
+_instances = itertools.count()
+
+
+def _round_capacity(nbytes: int) -> int:
+    return max(_MIN_CAPACITY, -(-nbytes // _MIN_CAPACITY) * _MIN_CAPACITY)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class StoreRendezvous:
+    """Small set-up agreement through a torch.distributed Store, under one key prefix per transport instance."""
+
+    def __init__(self, store: Any, rank: int, world_size: int, namespace: str, timeout_s: float):
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.namespace = namespace
+        self.timeout_s = timeout_s
+        self._round = 0
+
+    def _wait(self, keys: list[str], what: str) -> None:
+        try:
+            self.store.wait(keys, timedelta(seconds=self.timeout_s))
+        except Exception as err:  # noqa: BLE001 - stores raise plain RuntimeErrors / DistStoreError
+            raise TransportError(
+                f"{self.namespace}: rank {self.rank} waited {self.timeout_s:.0f} s for {what} through the store; "
+                f"a peer died or did not reach the same point ({err})"
+            ) from err
+
+    def publish(self, key: str, value: bytes) -> None:
+        self.store.set(f"{self.namespace}/{key}", value)
+
+    def fetch(self, key: str, what: str) -> bytes:
+        full = f"{self.namespace}/{key}"
+        self._wait([full], what)
+        return self.store.get(full)
+
+    def from_rank0(self, key: str, make: Any, what: str) -> bytes:
+        """Rank 0 calls make() and publishes the bytes; every rank returns them."""
+        if self.rank == 0:
+            value = make()
+            self.publish(key, value)
+            return value
+        return self.fetch(key, what)
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        n = self._round
+        self._round += 1
+        self.publish(f"ago/{n}/{self.rank}", pickle.dumps(obj))
+        keys = [f"{self.namespace}/ago/{n}/{r}" for r in range(self.world_size)]
+        self._wait(keys, f"all_gather_object round {n}")
+        out = [pickle.loads(self.store.get(k)) for k in keys]
+        if n >= 2:  # every rank has read round n-2 once this rank is in round n
+            try:
+                self.store.delete_key(f"{self.namespace}/ago/{n - 2}/{self.rank}")
+            except Exception:  # noqa: BLE001 - not every store deletes; the keys are small
+                pass
+        return out
+
+
+def group_store(group: Any, kind: str) -> tuple[Any, int, int]:
+    """(store, rank, world_size) for a torch.distributed group: the default store under a prefix that names the
+    group's ranks, so sub-groups (8 GPUs as 2 x n4) do not collide."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise TransportError(f"the {kind} transport needs an initialised torch.distributed process group")
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    store = dist.PrefixStore(f"asyncdiff_rt/{kind}/{'-'.join(map(str, ranks))}/", c10d._get_default_store())
+    return store, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _as_device(device: Any) -> torch.device:
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"the shm transport works on cpu or cuda tensors, not {dev}")
+    return dev
+
+
+class _Link:
+    """One direction of one peer pair: the native channel, its generation and its message counter."""
+
+    __slots__ = ("channel", "generation", "seq")
+
+    def __init__(self) -> None:
+        self.channel: Any = None
+        self.generation = -1
+        self.seq = 0
+
+
+class _Watchdog(threading.Thread):
+    """Note [shm watchdog]."""
+
+    def __init__(self, owner: ShmTransport, poll_s: float = 0.02):
+        super().__init__(name=f"asyncdiff_rt-shm-watchdog-r{owner.rank}", daemon=True)
+        self._owner = weakref.ref(owner)
+        self._events: collections.deque = collections.deque()  # (step, issued at, [(channel, seq)])
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+        self.poll_s = poll_s
+        self.timeout_s = owner.timeout_s
+        self.error: str | None = None
+
+    def watch(self, step: int, ops: list[tuple[Any, int]]) -> None:
+        with self._lock:
+            self._events.append((step, time.monotonic(), ops))
+
+    @staticmethod
+    def _done(ops: list[tuple[Any, int]]) -> bool:
+        return all(channel.completed(seq) for channel, seq in ops)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout=30)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.poll_s):
+            with self._lock:
+                head = self._events[0] if self._events else None
+            if head is None:
+                continue
+            step, issued_at, ops = head
+            owner = self._owner()
+            if owner is None:
+                return
+            with owner._channels_lock:  # channels are closed only under this lock (growth)
+                done = self._done(ops)
+                problem = "" if done else next((p for p in (c.peer_problem() for c in owner._channels()) if p), "")
+            if done:
+                with self._lock:
+                    if self._events and self._events[0] is head:
+                        self._events.popleft()
+                del owner
+                continue
+            if not problem and time.monotonic() - issued_at > self.timeout_s:
+                problem = f"no progress for {self.timeout_s:g} s (a peer stalled)"
+            if problem:
+                if self.error is None:
+                    self.error = (
+                        f"shm transport on rank {owner.rank}: step {step}: {problem}; the watchdog released this "
+                        "rank's streams, so the data of this step and later ones is invalid"
+                    )
+                self._release(owner)
+            del owner
+
+    def _release(self, owner: ShmTransport) -> None:
+        deadline = time.monotonic() + 10.0
+        while not self._stop_event.is_set() and time.monotonic() < deadline:
+            with self._lock:
+                pending = list(self._events)
+            with owner._channels_lock:
+                for c in owner._channels():
+                    c.release_from_host()
+                if all(self._done(ops) for _, _, ops in pending):
+                    break
+            time.sleep(1e-3)
+        with self._lock:
+            self._events.clear()
+
+
+class ShmTransport(Transport):
+    name = "shm"
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        store: Any,
+        device: Any = None,
+        timeout_s: float = 60.0,
+        max_inflight: int = 2,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world size {world_size}")
+        self._C = native.load()
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.device = _as_device(device)
+        self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            try:
+                self._C.check_runtime()
+            except RuntimeError as err:
+                raise TransportError(f"shm transport on {self.device}: {err}") from err
+        self.max_inflight = max(1, max_inflight)
+        self._rdv = StoreRendezvous(store, rank, world_size, f"asyncdiff_rt/shm/{next(_instances)}", timeout_s)
+        hosts = self._rdv.all_gather(socket.gethostname())
+        if len(set(hosts)) != 1:
+            raise TransportError(f"the shm transport needs every rank on one host; ranks run on {hosts}")
+        self._prefix = self._rdv.from_rank0(
+            "prefix", lambda: f"adrt{os.getpid()}_{secrets.token_hex(4)}".encode(), "the shm name prefix"
+        ).decode()
+        self._send: dict[int, _Link] = {}
+        self._recv: dict[int, _Link] = {}
+        # Sends (D2H) and receives (H2D) on two streams, so the two copy directions overlap.
+        self._send_stream = torch.cuda.Stream(self.device, priority=-1) if self._cuda else None
+        self._recv_stream = torch.cuda.Stream(self.device, priority=-1) if self._cuda else None
+        self._inflight: list[tuple[int, list[tuple[_Link, int]]]] = []  # (step, [(link, seq)]) oldest first
+        self._channels_lock = threading.Lock()  # channel replacement vs. the watchdog
+        self._watchdog: _Watchdog | None = None
+        self._closed = False
+
+    @classmethod
+    def from_group(cls, group: Any = None, device: Any = None, timeout_s: float = 60.0) -> ShmTransport:
+        store, rank, world = group_store(group, "shm")
+        return cls(rank, world, store, device=device, timeout_s=timeout_s)
+
+    # -- channels -----------------------------------------------------------------------------------------------
+    def _link(self, peer: int, sending: bool, nbytes: int) -> _Link:
+        if not 0 <= peer < self.world_size or peer == self.rank:
+            raise ValueError(f"rank {self.rank}: invalid shm peer {peer} (world size {self.world_size})")
+        table = self._send if sending else self._recv
+        link = table.setdefault(peer, _Link())
+        if link.channel is not None and link.channel.capacity >= nbytes:
+            return link
+        if link.channel is not None and self._cuda:
+            link.channel.wait(link.seq, self.timeout_s)
+        link.generation += 1
+        src, dst = (self.rank, peer) if sending else (peer, self.rank)
+        name = f"{self._prefix}_{src}to{dst}_g{link.generation}"
+        index = self.device.index if self._cuda else -1
+        channel = self._C.ShmChannel(name, _round_capacity(nbytes), sending, index, peer, self.timeout_s)
+        with self._channels_lock:
+            old, link.channel = link.channel, channel
+            if old is not None:
+                old.close()
+        return link
+
+    def _channels(self) -> list[Any]:
+        return [link.channel for link in itertools.chain(self._send.values(), self._recv.values()) if link.channel]
+
+    def _check(self, tensors: Iterable[torch.Tensor]) -> None:
+        for t in tensors:
+            if t.device.type != self.device.type or (self._cuda and t.device != self.device):
+                raise ValueError(f"shm transport on {self.device} got a tensor on {t.device}")
+
+    def prepare(self, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]]) -> None:
+        # Send channels first: opening a receive channel waits for its creator, who creates its sends first.
+        for peer in sorted(sends):
+            self._link(peer, True, self._packed(sends[peer]))
+        for peer in sorted(recvs):
+            self._link(peer, False, self._packed(recvs[peer]))
+
+    def _packed(self, tensors: list[torch.Tensor]) -> int:
+        return self._C.ShmChannel.packed_size([(0, _nbytes(t)) for t in tensors])
+
+    # -- data movement ------------------------------------------------------------------------------------------
+    def _check_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.error is not None:
+            raise TransportError(self._watchdog.error)
+
+    def _fail(self, what: str, peer: int, step: int, err: Exception) -> TransportError:
+        # Fail every channel, not only this one: peers' waits raise at once instead of timing out, and this
+        # rank's streams blocked on other channels are released. The native message counts the channel's own
+        # messages ("step" there is the channel seq).
+        self.abort(f"rank {self.rank} failed at step {step}: {err}")
+        if self._watchdog is not None and self._watchdog.error is not None:
+            return TransportError(f"{self._watchdog.error} ({what} with peer rank {peer}: {err})")
+        return TransportError(f"shm {what} at step {step} between rank {self.rank} and peer rank {peer} failed: {err}")
+
+    def _issue(self, what: str, step: int, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]]):
+        if self._closed:
+            raise TransportError(f"shm {what} at step {step}: the transport is closed")
+        self._check_watchdog()
+        self._check(t for ts in sends.values() for t in ts)
+        self._check(t for ts in recvs.values() for t in ts)
+        # Sends read contiguous views (a copy where needed, made on the caller's stream before the fork).
+        send_parts = {p: [t if t.is_contiguous() else t.contiguous() for t in ts] for p, ts in sends.items()}
+        recv_bufs = {
+            p: [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]
+            for p, ts in recvs.items()
+        }
+        for peer in sorted(send_parts):
+            self._link(peer, True, self._packed(send_parts[peer]))
+        for peer in sorted(recv_bufs):
+            self._link(peer, False, self._packed(recv_bufs[peer]))
+        if not self._cuda:
+            self._run(what, step, send_parts, recv_bufs, 0, 0, None)
+        else:
+            capturing = torch.cuda.is_current_stream_capturing()
+            if not capturing:
+                self._throttle(self.max_inflight - 1)
+            current = torch.cuda.current_stream(self.device)
+            # Receives overwrite tensors the caller's queued work may still read: they wait for it too.
+            self._send_stream.wait_stream(current)
+            self._recv_stream.wait_stream(current)
+            issued: list[tuple[_Link, int]] = []
+            self._run(
+                what, step, send_parts, recv_bufs, self._send_stream.cuda_stream, self._recv_stream.cuda_stream, issued
+            )
+            current.wait_stream(self._send_stream)
+            current.wait_stream(self._recv_stream)
+            if not capturing and issued:
+                self._inflight.append((step, issued))
+                if self._watchdog is None:
+                    self._watchdog = _Watchdog(self)
+                    self._watchdog.start()
+                self._watchdog.watch(step, [(link.channel, seq) for link, seq in issued])
+        for peer, ts in recvs.items():
+            for t, buf in zip(ts, recv_bufs[peer]):
+                if buf is not t:
+                    t.copy_(buf)
+
+    def _run(self, what, step, send_parts, recv_bufs, send_stream: int, recv_stream: int, issued: list | None):
+        for peer in sorted(send_parts):
+            link = self._send[peer]
+            link.seq += 1
+            try:
+                link.channel.send(link.seq, [(t.data_ptr(), _nbytes(t)) for t in send_parts[peer]], send_stream)
+            except RuntimeError as err:
+                raise self._fail(what, peer, step, err) from err
+            if issued is not None:
+                issued.append((link, link.seq))
+        for peer in sorted(recv_bufs):
+            link = self._recv[peer]
+            link.seq += 1
+            try:
+                link.channel.recv(link.seq, [(t.data_ptr(), _nbytes(t)) for t in recv_bufs[peer]], recv_stream)
+            except RuntimeError as err:
+                raise self._fail(what, peer, step, err) from err
+            if issued is not None:
+                issued.append((link, link.seq))
+
+    def _throttle(self, keep: int) -> None:
+        """Host-wait (with the timeout) until at most `keep` GPU exchanges are outstanding."""
+        while len(self._inflight) > keep:
+            step, issued = self._inflight.pop(0)
+            for link, seq in issued:
+                try:
+                    link.channel.wait(seq, self.timeout_s)
+                except RuntimeError as err:
+                    raise self._fail("wait", link.channel.peer, step, err) from err
+
+    def exchange(self, step: int, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]]) -> None:
+        self._issue("exchange", step, sends, recvs)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, step: int) -> None:
+        if self.world_size == 1:
+            return
+        if src == self.rank:
+            self._issue("broadcast", step, {p: [tensor] for p in range(self.world_size) if p != src}, {})
+        else:
+            self._issue("broadcast", step, {}, {src: [tensor]})
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return self._rdv.all_gather(obj)
+
+    def synchronize(self) -> None:
+        self._check_watchdog()
+        if self._cuda:
+            self._throttle(0)  # every eagerly issued op, with the timeout
+            self._check_watchdog()
+        else:
+            for channel in self._channels():
+                if channel.failed:
+                    raise TransportError(f"shm channel {channel.name} with peer rank {channel.peer} failed")
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Mark every channel failed (peers' waits raise at once) and release this rank's blocked streams."""
+        for link in itertools.chain(self._send.values(), self._recv.values()):
+            if link.channel is not None:
+                link.channel.abort(reason)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        for link in itertools.chain(self._send.values(), self._recv.values()):
+            if link.channel is not None:
+                link.channel.close()  # waits for its enqueued GPU work (with the timeout) before unmapping
+                link.channel = None
+        self._inflight.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,150 @@
+// A directed, double-buffered channel from one process to another through a ShmRegion (DESIGN §1, §5).
+//
+// Layout: a 4 KiB header, then two slots of `capacity` bytes (rounded up to pages). The sender packs several
+// (ptr, nbytes) parts into the slot of parity seq % 2, each part at a 256-byte aligned offset, in list order;
+// the receiver unpacks the same list. Both sides must pass the same capacity and, per seq, the same sizes.
+//
+// Note [shm handshake]: each slot has one flag word, `full`, written by both sides in strict alternation:
+//   send(seq): wait full[p] == 0 (the receiver has consumed the previous message in this slot, seq - 2 when
+//              seqs are consecutive); copy parts into slot p; write stamp[p] = seq; write full[p] = 1.
+//   recv(seq): wait full[p] == 1; copy parts out of slot p; write full[p] = 0.
+// The flag values are constants, not seqs, on purpose: a send or recv captured into a CUDA graph bakes its
+// values into the graph, and replaying a "ready >= seq" wait with a stale seq would pass without waiting and
+// race. With constant values a replayed graph runs the same handshake every time. Ordering and misuse are
+// still checked where the host sees them: seqs must increase per side (consecutive seqs alternate slots; any
+// increasing sequence both sides share works), and a CPU receiver checks the stamp a CPU sender wrote.
+//
+// CPU (device < 0): memcpy plus atomic flag accesses (release after writing the slot, acquire before reading
+// it); host waits spin, then yield, then sleep, and throw after `timeout_s` naming the peer rank and the step;
+// they also notice at once a peer process that has exited or that marked the channel failed.
+//
+// GPU (device >= 0): the region is page-locked (cudaHostRegister Mapped|Portable); copies are
+// cudaMemcpyAsync between device memory and the slot on the caller's stream; waits and flag writes are
+// cuStreamWaitValue32(EQ) / cuStreamWriteValue32 on the mapped flag words (the write carries a memory barrier,
+// so the slot's bytes are visible before the flag) — no host synchronisation in steady state. `wait(seq)`
+// polls an event recorded after the op with the timeout; on expiry it marks the channel failed, releases the
+// stream by writing the awaited flag values from the host (so the GPU does not stay blocked forever; the data
+// of that step is then garbage and every later call throws), and throws naming the peer and the step.
+//
+// CUDA graph capture: send/recv may be captured (stream memory operations and memcpyAsync are capturable).
+// Caveats: (1) during capture no completion event is recorded and the seq order check is skipped, so `wait`
+// covers only eagerly issued ops; call `wait` on a later eager op or synchronise the replay stream. (2) The
+// pointers and sizes are baked into the graph: the tensors must stay alive and in place. (3) Both processes must
+// replay their captured sends/recvs in the same order as they would issue them eagerly. (4) A graph that both
+// sends and receives on the same channel direction deadlocks unless the other side runs concurrently, as in
+// eager mode. (5) The stamp a captured send writes is the seq at capture time, so a CPU receiver cannot check it.
+// A channel is single-threaded: one thread issues its ops.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "shm_region.h"
+#include "streams.h"
+
+namespace asyncdiff_rt {
+
+struct Part {
+  std::uintptr_t ptr;  // host pointer (CPU channel) or any pointer cudaMemcpyDefault accepts (GPU channel)
+  std::size_t nbytes;
+};
+
+struct ChannelHeader;  // in shared memory; defined in shm_channel.cpp
+
+class ShmChannel {
+ public:
+  static constexpr double kDefaultTimeoutS = 60.0;
+  static constexpr std::size_t kPartAlignment = 256;
+
+  // `create`: this side creates the region (the other side opens it, waiting up to timeout_s for it).
+  // `device`: CUDA device index of the tensors this side passes, or -1 for host memory.
+  // `peer`: the other side's rank, used in error messages only.
+  ShmChannel(const std::string& name, std::size_t capacity, bool create, int device, int peer,
+             double timeout_s = kDefaultTimeoutS);
+  ~ShmChannel();
+  ShmChannel(const ShmChannel&) = delete;
+  ShmChannel& operator=(const ShmChannel&) = delete;
+
+  // CPU: blocking. GPU: enqueued on `stream` (Note [stream ordering]).
+  void send(std::uint64_t seq, const std::vector<Part>& parts, StreamHandle stream = nullptr);
+  void recv(std::uint64_t seq, const std::vector<Part>& parts, StreamHandle stream = nullptr);
+  // GPU: host wait (with timeout) for the op issued eagerly with `seq` to complete (returns at once for a seq
+  // it holds no event for: captured, unknown, or older than the last 32 ops); CPU: checks only that the channel
+  // has not failed.
+  void wait(std::uint64_t seq, double timeout_s);
+  // Marks the channel failed on both sides (the peer's waits throw at once), releases this side's blocked
+  // stream ops. Later calls throw. For tests and for tearing down after another rank failed.
+  void abort(const std::string& reason = "aborted");
+  // The three calls below are the only ones safe from another thread (a watchdog) while the owning thread uses
+  // the channel (not while it closes it): they only read or atomically write words of the shared header.
+  // Empty while the peer is alive and has not marked the channel failed; otherwise what happened to it.
+  std::string peer_problem() const;
+  // True when the op this side issued with `seq` has completed (its stream wrote the completion word; a pure
+  // host read, no CUDA call, so a watchdog never blocks behind a synchronous copy in another thread). Also
+  // true for a closed channel. Captured ops write the seq of capture time: watch eager ops only.
+  bool completed(std::uint64_t seq) const;
+  // Marks the channel failed in shared memory (both sides' host calls then throw) and writes, once, the flag
+  // values this side's stream ops wait for, releasing a stream blocked on a dead or stalled peer. Call it
+  // repeatedly until the stream's work completed (a released op's own flag write can block the next one).
+  void release_from_host();
+  // Waits (with the timeout) for enqueued GPU work, then unmaps; never throws. Idempotent.
+  void close() noexcept;
+
+  const std::string& name() const { return name_; }
+  std::size_t capacity() const { return capacity_; }
+  int device() const { return device_; }
+  int peer() const { return peer_; }
+  bool failed() const;
+  bool closed() const { return header_ == nullptr; }
+  // Bytes the packed parts need in one slot (alignment included).
+  static std::size_t packed_size(const std::vector<Part>& parts);
+
+ private:
+  enum class Role { kNone, kSender, kReceiver };
+
+  void check_usable(Role role, std::uint64_t seq);
+  void check_fits(const std::vector<Part>& parts, std::uint64_t seq) const;
+  std::uint8_t* slot(int parity) const;
+  std::uint32_t* full_word(int parity) const;
+  std::uint32_t* stamp_word(int parity) const;
+  // CPU wait for full[parity] == value; throws naming peer and `step` (with `what` describing the wait).
+  void host_wait_flag(int parity, std::uint32_t value, std::uint64_t step, const char* what);
+  void check_peer(std::uint64_t step, const char* what);
+  int peer_pid() const;
+  [[noreturn]] void fail(const std::string& message);
+  std::string describe(std::uint64_t step) const;
+  void mark_failed(const std::string& reason);
+  void release_gpu(double grace_s);
+  void record_done(std::uint64_t seq, StreamHandle stream);
+
+  std::string name_;
+  std::size_t capacity_ = 0;
+  std::size_t slot_stride_ = 0;
+  int device_ = -1;
+  int peer_ = -1;
+  double timeout_s_ = kDefaultTimeoutS;
+  bool creator_ = false;
+  ShmRegion region_;
+  ChannelHeader* header_ = nullptr;
+  std::atomic<Role> role_{Role::kNone};
+  bool has_seq_ = false;
+  std::uint64_t last_seq_ = 0;
+  bool failed_local_ = false;
+  std::string failure_;
+
+  // GPU: completion events of recent ops, oldest first; retired events are reused.
+  std::uintptr_t dev_full_[2] = {0, 0};
+  std::uintptr_t dev_stamp_[2] = {0, 0};
+  std::uintptr_t dev_done_[2] = {0, 0};
+  std::deque<std::pair<std::uint64_t, std::unique_ptr<Event>>> pending_;
+  std::vector<std::unique_ptr<Event>> spare_events_;
+  static constexpr std::size_t kMaxPending = 32;
+};
+
+}  // namespace asyncdiff_rt

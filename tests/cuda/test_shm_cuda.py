@@ -1,0 +1,370 @@
+"""The native runtime on one GPU: shm channel (stream memory operations, D2H/H2D through page-locked shared
+memory) between 2-3 processes, CUDA graph capture of a send/recv pair, the shm transport, NCCL with a world of
+one. Run with `pytest -m cuda tests/cuda` on a GPU machine after scripts/device_build.sh.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import traceback
+import uuid
+
+import pytest
+import torch
+
+from asyncdiff_rt import native
+
+pytestmark = pytest.mark.cuda
+
+SPECS = [((3, 5), torch.float32), ((7,), torch.int64), ((1001,), torch.uint8), ((256, 1024), torch.float16)]
+
+
+@pytest.fixture(scope="module")
+def C():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not native.available():
+        pytest.skip("asyncdiff_rt._C not built (scripts/device_build.sh)")
+    mod = native.load()
+    info = mod.build_info()
+    if not info["with_cuda"]:
+        pytest.fail(f"asyncdiff_rt._C was built without CUDA on a GPU machine: {info}")
+    mod.check_runtime()
+    return mod
+
+
+def _name(tag: str) -> str:
+    return f"adrt_cuda_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+
+def _pattern(seq: int, k: int, shape, dtype, device="cuda") -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    base = torch.arange(n, dtype=torch.int64, device=device).reshape(shape) * (k + 3) + seq * 17
+    return (base % 251).to(dtype)
+
+
+def _parts(tensors):
+    return [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
+
+
+def _capacity(C) -> int:
+    return C.ShmChannel.packed_size([(0, torch.empty(s, dtype=d).nbytes) for s, d in SPECS])
+
+
+def _stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def _run_child(fn, args, queue):
+    try:
+        queue.put(("ok", fn(*args)))
+    except BaseException as err:  # noqa: BLE001
+        queue.put(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+
+
+def _spawn(fn, *args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run_child, args=(fn, args, queue), daemon=True)
+    proc.start()
+    return proc, queue
+
+
+def _collect(proc, queue, timeout=180):
+    status, value = queue.get(timeout=timeout)
+    proc.join(timeout=30)
+    assert status == "ok", value
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _gpu_sender(name: str, steps: int, device: int, delays: dict[int, float]):
+    C = native.load()
+    if device >= 0:
+        torch.cuda.set_device(device)
+    dev = "cuda" if device >= 0 else "cpu"
+    ch = C.ShmChannel(name, capacity=_capacity(C), create=False, device=device, peer=0, timeout_s=60.0)
+    keep = []
+    for seq in range(1, steps + 1):
+        if seq in delays:
+            if device >= 0:
+                torch.cuda.synchronize()
+            time.sleep(delays[seq])
+        tensors = [_pattern(seq, k, shape, dtype, dev) for k, (shape, dtype) in enumerate(SPECS)]
+        ch.send(seq, _parts(tensors), _stream() if device >= 0 else 0)
+        keep.append(tensors)  # alive until the copies ran
+        if len(keep) > 4:
+            ch.wait(seq - 3, 60.0)
+            keep.pop(0)
+    ch.wait(steps, 60.0)
+    ch.close()
+    return "sent"
+
+
+@pytest.mark.parametrize("sender_device", [0, -1], ids=["gpu_sender", "cpu_sender"])
+def test_shm_channel_gpu_two_processes(C, sender_device):
+    name = _name("chan")
+    steps = 60
+    proc, queue = _spawn(_gpu_sender, name, steps, sender_device, {3: 0.3, 30: 0.2})
+    ch = C.ShmChannel(name, capacity=_capacity(C), create=True, device=0, peer=1, timeout_s=60.0)
+    bufs = [torch.empty(shape, dtype=dtype, device="cuda") for shape, dtype in SPECS]
+    for seq in range(1, steps + 1):
+        for b in bufs:
+            b.fill_(float("nan") if b.is_floating_point() else 77)
+        ch.recv(seq, _parts(bufs), _stream())
+        if seq == 20:
+            time.sleep(0.3)  # a late host: the GPU side must still be correct
+        for k, (shape, dtype) in enumerate(SPECS):
+            assert torch.equal(bufs[k], _pattern(seq, k, shape, dtype)), (seq, k)
+    ch.wait(steps, 30.0)
+    assert _collect(proc, queue) == "sent"
+    ch.close()
+
+
+def _open_and_idle(name: str, capacity: int, linger_s: float, die: bool):
+    C = native.load()
+    ch = C.ShmChannel(name, capacity=capacity, create=False, device=-1, peer=0, timeout_s=30.0)
+    time.sleep(linger_s)
+    if die:
+        os._exit(0)
+    del ch
+    return "idle"
+
+
+@pytest.mark.parametrize("die", [True, False], ids=["dead_peer", "silent_peer"])
+def test_shm_channel_gpu_timeout_releases_stream(C, die):
+    name = _name("stall")
+    proc, _ = _spawn(_open_and_idle, name, 4096, 0.5 if die else 20.0, die)
+    ch = C.ShmChannel(name, capacity=4096, create=True, device=0, peer=1, timeout_s=60.0)
+    while os.path.exists(f"/dev/shm/{name}"):  # until the peer opened
+        time.sleep(0.05)
+    buf = torch.zeros(16, device="cuda")
+    ch.recv(3, _parts([buf]), _stream())  # enqueued: the stream now waits for a message that never comes
+    after = buf + 1  # work queued behind the blocked wait
+    t0 = time.monotonic()
+    pattern = r"peer rank 1.*step 3\b.*exited" if die else r"peer rank 1.*step 3\b.*timed out"
+    with pytest.raises(RuntimeError, match=pattern):
+        ch.wait(3, 10.0 if die else 1.0)
+    assert time.monotonic() - t0 < 9.0
+    torch.cuda.synchronize()  # the stream was released: this returns
+    assert after.shape == (16,)
+    assert ch.failed
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        ch.recv(4, _parts([buf]), _stream())
+    ch.close()
+    proc.terminate()
+    proc.join(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_graph_capture_send_recv_pair_in_one_process(C):
+    name = _name("graph1")
+    cap = 1 << 20
+    a = C.ShmChannel(name, cap, True, 0, 1, 30.0)
+    b = C.ShmChannel(name, cap, False, 0, 0, 30.0)
+    src = torch.randn(1000, 100, device="cuda")
+    dst = torch.zeros_like(src)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        a.send(1, _parts([src]), s.cuda_stream)  # eager warm-up
+        b.recv(1, _parts([dst]), s.cuda_stream)
+    s.synchronize()
+    assert torch.equal(dst, src)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        st = torch.cuda.current_stream().cuda_stream
+        a.send(2, _parts([src]), st)
+        b.recv(2, _parts([dst]), st)
+    for i in range(5):
+        src.copy_(torch.full_like(src, float(i)) + torch.arange(100, device="cuda"))
+        dst.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(dst, src), i
+    a.close()
+    b.close()
+
+
+def _graph_side(name: str, create: bool, replays: int):
+    C = native.load()
+    torch.cuda.set_device(0)
+    cap = 1 << 20
+    ch = C.ShmChannel(name, cap, create, 0, 1 if create else 0, 60.0)
+    buf = torch.zeros(512, 256, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    if create:  # sender: eager message 1, then a captured send replayed
+        buf.fill_(-1.0)
+        ch.send(1, _parts([buf]), _stream())
+        with torch.cuda.graph(g):
+            ch.send(2, _parts([buf]), torch.cuda.current_stream().cuda_stream)
+        for i in range(replays):
+            buf.fill_(float(i))  # same stream as the replay: ordered before the captured copy
+            g.replay()
+        torch.cuda.synchronize()
+        return "sent"
+    got = []
+    ch.recv(1, _parts([buf]), _stream())
+    got.append(float(buf.mean()))
+    with torch.cuda.graph(g):
+        ch.recv(2, _parts([buf]), torch.cuda.current_stream().cuda_stream)
+    for _ in range(replays):
+        g.replay()
+        got.append(float(buf.min()) if float(buf.min()) == float(buf.max()) else float("nan"))
+    return got
+
+
+def test_graph_capture_replayed_across_processes(C):
+    name = _name("graph2")
+    replays = 8
+    sender = _spawn(_graph_side, name, True, replays)
+    receiver = _spawn(_graph_side, name, False, replays)
+    assert _collect(*receiver) == [-1.0] + [float(i) for i in range(replays)]
+    assert _collect(*sender) == "sent"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _transport_rank(rank: int, world: int, store_path: str, steps: int):
+    import torch.distributed as dist
+
+    from asyncdiff_rt.transport.shm import ShmTransport
+
+    torch.cuda.set_device(0)
+    store = dist.FileStore(store_path, world)
+    tr = ShmTransport(rank, world, store, device="cuda:0", timeout_s=60.0)
+    peers = [p for p in range(world) if p != rank]
+
+    def payload(step, src, dst):
+        return [
+            torch.full((64, 33), float(step * 100 + src * 10 + dst), device="cuda"),
+            torch.arange(5 + src + dst, dtype=torch.int64, device="cuda") * (step + 1),
+        ]
+
+    tr.prepare({p: payload(0, rank, p) for p in peers}, {p: payload(0, p, rank) for p in peers})
+    errors = []
+    for step in range(steps):
+        sends = {p: payload(step, rank, p) for p in peers}
+        recvs = {p: [torch.full_like(t, -1) for t in payload(step, p, rank)] for p in peers}
+        tr.exchange(step, sends, recvs)
+        for p, ts in recvs.items():
+            for got, want in zip(ts, payload(step, p, rank)):
+                if not torch.equal(got, want):
+                    errors.append(f"exchange step {step} from {p}")
+        src = step % world
+        x = torch.full((2, 999), float(step), device="cuda") if rank == src else torch.zeros(2, 999, device="cuda")
+        tr.broadcast(x, src=src, step=step)
+        if not torch.equal(x, torch.full((2, 999), float(step), device="cuda")):
+            errors.append(f"broadcast step {step} from {src}")
+    tr.synchronize()
+    tr.close()
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shm_transport_cuda(C, tmp_path, world):
+    store_path = str(tmp_path / "store")
+    procs = [_spawn(_transport_rank, r, world, store_path, 20) for r in range(world)]
+    assert [_collect(p, q) for p, q in procs] == [[]] * world
+
+
+def _transport_dies(rank: int, store_path: str, host_sync_first: bool):
+    import torch.distributed as dist
+
+    from asyncdiff_rt.transport import TransportError
+    from asyncdiff_rt.transport.shm import ShmTransport
+
+    torch.cuda.set_device(0)
+    tr = ShmTransport(rank, 2, dist.FileStore(store_path, 2), device="cuda:0", timeout_s=5.0)
+    x = torch.ones(10, device="cuda")
+    tr.exchange(0, {1 - rank: [x]}, {1 - rank: [torch.empty(10, device="cuda")]})
+    tr.synchronize()
+    if rank == 1:
+        os._exit(0)
+    try:
+        for step in range(1, 4):
+            y = torch.empty(10, device="cuda")
+            tr.exchange(step, {1 - rank: [x]}, {1 - rank: [y]})
+            if host_sync_first:
+                # A host sync outside the transport: the watchdog must release the blocked stream (garbage data),
+                # and the next transport call must raise.
+                y.cpu()
+        tr.synchronize()
+    except TransportError as err:
+        torch.cuda.synchronize()  # released
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize("host_sync_first", [False, True], ids=["transport_sync", "host_sync"])
+def test_shm_transport_cuda_dead_peer(C, tmp_path, host_sync_first):
+    store_path = str(tmp_path / "store")
+    t0 = time.monotonic()
+    p0, p1 = (_spawn(_transport_dies, r, store_path, host_sync_first) for r in range(2))
+    message = _collect(*p0)
+    p1[0].join(timeout=30)
+    assert "peer rank 1" in message and "step" in message, message
+    assert time.monotonic() - t0 < 60
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def test_nccl_world_of_one(C, tmp_path):
+    torch.cuda.set_device(0)
+    uid = C.nccl_unique_id()
+    assert isinstance(uid, bytes) and len(uid) == 128
+    comm = C.NcclComm(uid, 1, 0, 0, 60.0)
+    s = torch.cuda.Stream()
+    x = torch.arange(1 << 16, dtype=torch.float32, device="cuda")
+    y = torch.zeros_like(x)
+    s.wait_stream(torch.cuda.current_stream())
+    comm.sendrecv([(0, x.data_ptr(), x.nbytes)], [(0, y.data_ptr(), y.nbytes)], s.cuda_stream)
+    comm.broadcast(x.data_ptr(), x.nbytes, 0, s.cuda_stream)
+    comm.wait(s.cuda_stream, 30.0, 0)
+    assert torch.equal(x, y)
+    comm.destroy()
+    assert not comm.valid
+    with pytest.raises(RuntimeError, match="destroyed"):
+        comm.sendrecv([], [], s.cuda_stream)
+
+    import torch.distributed as dist
+
+    from asyncdiff_rt.transport.nccl import NcclTransport
+
+    tr = NcclTransport(0, 1, dist.FileStore(str(tmp_path / "store"), 1), device="cuda:0", timeout_s=60.0)
+    a = torch.randn(100, 7, device="cuda")
+    b = torch.zeros(7, 100, device="cuda").t()  # non-contiguous receive
+    for step in range(4):
+        tr.exchange(step, {0: [a * step]}, {0: [b]})
+        assert torch.equal(b, a * step)
+    tr.broadcast(a, src=0, step=4)
+    assert tr.all_gather_object({"r": 0}) == [{"r": 0}]
+    tr.synchronize()
+    tr.close()
+    tr.close()
+
+
+def test_nccl_watchdog_aborts_stalled_exchange(C, tmp_path):
+    import torch.distributed as dist
+
+    from asyncdiff_rt.transport import TransportError
+    from asyncdiff_rt.transport.nccl import NcclTransport
+
+    torch.cuda.set_device(0)
+    tr = NcclTransport(0, 1, dist.FileStore(str(tmp_path / "store"), 1), device="cuda:0", timeout_s=1.0)
+    a = torch.randn(1000, device="cuda")
+    b = torch.zeros_like(a)
+    tr.exchange(0, {0: [a]}, {0: [b]})
+    tr.synchronize()
+    assert torch.equal(a, b)
+    # A GPU stall longer than the timeout ahead of the exchange: the watchdog aborts the communicator, a host
+    # sync outside the transport returns, and the next transport call raises naming the step.
+    torch.cuda._sleep(int(4e9))
+    tr.exchange(1, {0: [a]}, {0: [b]})
+    t0 = time.monotonic()
+    torch.cuda.synchronize()
+    with pytest.raises(TransportError, match=r"step 1\b.*no progress"):
+        tr.exchange(2, {0: [a]}, {0: [b]})
+    assert time.monotonic() - t0 < 30
+    tr.close()
