@@ -1,7 +1,7 @@
 """asyncdiff_rt: asynchronous denoising (AsyncDiff) for unchanged diffusers pipelines on several GPUs.
 
-    ad = asyncdiff_rt.AsyncDiff(pipe, model_n=4, stride=1, warm_up=3)   # under torchrun, on every rank
-    image = pipe(prompt).images[0]                                      # rank 0 gets the image
+ad = asyncdiff_rt.AsyncDiff(pipe, model_n=4, stride=1, warm_up=3)   # under torchrun, on every rank
+image = pipe(prompt).images[0]                                      # rank 0 gets the image
 """
 
 from __future__ import annotations

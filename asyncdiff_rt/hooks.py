@@ -36,9 +36,9 @@ class ForwardOverrides:
 
 
 class CallHook:
-    """Runs `before(kwargs) -> kwargs` and `after()` around every call of the pipeline object."""
+    """Runs `before(kwargs) -> kwargs` and `after(ok)` around every call of the pipeline object."""
 
-    def __init__(self, pipe: Any, before: Callable[[dict], dict], after: Callable[[], None]):
+    def __init__(self, pipe: Any, before: Callable[[dict], dict], after: Callable[[bool], None]):
         base = type(pipe)
         if getattr(base, "_asyncdiff_rt_hooked", False):
             raise RuntimeError(
@@ -48,10 +48,13 @@ class CallHook:
 
         def __call__(self_, *args: Any, **kwargs: Any) -> Any:
             kwargs = before(kwargs)
+            ok = False
             try:
-                return original(self_, *args, **kwargs)
+                result = original(self_, *args, **kwargs)
+                ok = True
             finally:
-                after()
+                after(ok)
+            return result
 
         self.pipe, self.base = pipe, base
         self.cls = type(

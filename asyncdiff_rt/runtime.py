@@ -423,7 +423,9 @@ class AsyncDiff:
                 self.pipe.set_progress_bar_config(**{**self._saved_progress, "disable": True})
         return kwargs
 
-    def _after_call(self) -> None:
+    def _after_call(self, ok: bool) -> None:
+        if ok:  # a transport that released a dead peer's wait only says so at its next call: ask it now
+            self.transport.synchronize()
         if self._saved_progress is not None:
             self.pipe._progress_bar_config = self._saved_progress
             self._saved_progress = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 
-def build(kind: str):
+def build(kind: str, device: str = "cpu"):
     """A fresh pipeline per case: AsyncDiff frees the weights of blocks other ranks own."""
     if kind == "toy":
         from toy import ToyPipeline
@@ -21,7 +21,7 @@ def build(kind: str):
         return ToyPipeline(6)
     from asyncdiff_rt.tiny import make_pipeline
 
-    return make_pipeline(kind, seed=0)
+    return make_pipeline(kind, seed=0, device=device)
 
 
 def first_output(out):
@@ -88,14 +88,24 @@ def own_plus_replicated_bytes(denoiser, plan, owned: set[str]) -> int:
     return total
 
 
+def exact_gpu_math() -> None:
+    """fp32 without TF32 and with fixed cuDNN algorithms, so processes compare with the simulator tightly."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def run_cases(rank: int, world: int, cases: list[dict]):
     import asyncdiff_rt
+
+    exact_gpu_math()
     from asyncdiff_rt.denoiser import find_denoiser
     from asyncdiff_rt.schedule import roles
 
     results = []
     for case in cases:
-        pipe = build(case["kind"])
+        pipe = build(case["kind"], case.get("device", "cpu"))
         if case.get("dtype_on_rank1") and rank == 1:
             pipe.unet.to(case["dtype_on_rank1"])
         plan = case.get("rank_plans", [case.get("plan")] * world)[rank]
@@ -120,6 +130,7 @@ def run_cases(rank: int, world: int, cases: list[dict]):
 
                 pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
             outputs = [call(case, pipe, rank) for _ in range(case.get("calls", 1))]
+            outputs = [x.cpu() for x in outputs]
             result["outputs"] = outputs if (rank == 0 or case.get("all_outputs")) else None
             if case.get("bytes"):
                 _, den = find_denoiser(pipe)

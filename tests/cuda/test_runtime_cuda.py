@@ -77,3 +77,40 @@ def test_graph_equals_eager_local():
     graphed = latents(pipe, "sdxl")
     ad.remove()
     torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "world,case",
+    [
+        (2, dict(kind="sd15", plan=PLANS["sd15"][:1] + [PLANS["sd15"][1] + PLANS["sd15"][2]], steps=6)),
+        (3, dict(kind="sd15", plan=PLANS["sd15"], steps=6)),
+        (3, dict(kind="sdxl", plan=PLANS["sdxl"], stride=2, steps=7)),
+        (2, dict(kind="sd3", plan=PLANS["sd3"], steps=6, time_shift=True)),
+    ],
+)
+def test_processes_on_one_gpu_over_shm_equal_simulator(world, case):
+    """The real multi-process runtime, several processes sharing the one GPU through page-locked shared memory."""
+    from dist_cases import run_cases
+
+    from asyncdiff_rt.launch import spawn
+
+    case = dict(case, device="cuda", transport="shm", warm_up=2)
+    results = spawn(run_cases, world, [case], timeout_s=300)
+    assert results[0][0]["status"] == "ok", results[0][0]
+    got = results[0][0]["outputs"][0]
+    pipe = make_pipeline(case["kind"], device="cuda")
+    kw = call_kwargs(case["kind"], steps=case["steps"], seed=0, device="cuda")
+    kw["output_type"] = "latent"
+    expected = output_of(
+        simulate(
+            pipe,
+            plan=case["plan"],
+            stride=case.get("stride", 1),
+            warm_up=2,
+            time_shift=case.get("time_shift", False),
+            **kw,
+        )
+    ).cpu()
+    exact = output_of(pipe(**kw)).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got - exact).abs().max() > 1e-3
