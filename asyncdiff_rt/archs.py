@@ -9,7 +9,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["ARCHS", "build_pipeline", "prompt_kwargs", "default_size"]
+__all__ = [
+    "ARCHS",
+    "ARCHITECTURES",
+    "SD15",
+    "SD21",
+    "SDXL",
+    "SD3_MEDIUM",
+    "build_architecture",
+    "build_pipeline",
+    "prompt_kwargs",
+    "default_size",
+]
 
 _SD_VAE = dict(
     in_channels=3,
@@ -22,30 +33,121 @@ _SD_VAE = dict(
     sample_size=512,
 )
 
-_SD_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+# stabilityai/stable-diffusion-2-1, unet/config.json
+SD21 = dict(
+    act_fn="silu",
+    attention_head_dim=[5, 10, 20, 20],
     block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False,
+    cross_attention_dim=1024,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    downsample_padding=1,
+    dual_cross_attention=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
     layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
+    mid_block_scale_factor=1,
+    norm_eps=1e-05,
+    norm_num_groups=32,
+    num_class_embeds=None,
+    only_cross_attention=False,
+    out_channels=4,
+    sample_size=96,
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    upcast_attention=True,
+    use_linear_projection=True,
 )
 
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+SDXL = dict(
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280],
+    center_input_sample=False,
+    class_embed_type=None,
+    class_embeddings_concat=False,
+    conv_in_kernel=3,
+    conv_out_kernel=3,
+    cross_attention_dim=2048,
+    cross_attention_norm=None,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1,
+    dual_cross_attention=False,
+    encoder_hid_dim=None,
+    encoder_hid_dim_type=None,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_only_cross_attention=None,
+    mid_block_scale_factor=1,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    norm_eps=1e-05,
+    norm_num_groups=32,
+    num_attention_heads=None,
+    num_class_embeds=None,
+    only_cross_attention=False,
+    out_channels=4,
+    projection_class_embeddings_input_dim=2816,
+    resnet_out_scale_factor=1.0,
+    resnet_skip_time_act=False,
+    resnet_time_scale_shift="default",
+    sample_size=128,
+    time_cond_proj_dim=None,
+    time_embedding_act_fn=None,
+    time_embedding_dim=None,
+    time_embedding_type="positional",
+    timestep_post_act=None,
+    transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    upcast_attention=None,
+    use_linear_projection=True,
+)
+
+# runwayml/stable-diffusion-v1-5, unet/config.json (an extra; not asked for by the table in MEASUREMENTS.md)
+SD15 = dict(
+    SD21,
+    attention_head_dim=8,
+    cross_attention_dim=768,
+    sample_size=64,
+    upcast_attention=False,
+    use_linear_projection=False,
+)
+
+# stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
+SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+
+# name -> (diffusers class, config): real architectures, built with random weights for plans and benchmarks
+ARCHITECTURES = {
+    "sd15": ("UNet2DConditionModel", SD15),
+    "sd21": ("UNet2DConditionModel", SD21),
+    "sdxl": ("UNet2DConditionModel", SDXL),
+    "sd3": ("SD3Transformer2DModel", SD3_MEDIUM),
+}
+
+
+# whole pipelines: the denoiser's config above, a real-config VAE, and the text embeddings' shapes
 ARCHS: dict[str, dict[str, Any]] = {
-    "sd15": dict(size=512, unet=_SD_UNET, vae=_SD_VAE, text_dim=768, text_len=77),
+    "sd15": dict(size=512, unet=SD15, vae=_SD_VAE, text_dim=768, text_len=77),
     "sd21": dict(
         size=768,
-        unet={
-            **_SD_UNET,
-            "sample_size": 96,
-            "cross_attention_dim": 1024,
-            "attention_head_dim": [5, 10, 20, 20],
-            "use_linear_projection": True,
-            "upcast_attention": True,
-        },
+        unet=SD21,
         vae={**_SD_VAE, "sample_size": 768},
         text_dim=1024,
         text_len=77,
@@ -53,22 +155,7 @@ ARCHS: dict[str, dict[str, Any]] = {
     ),
     "sdxl": dict(
         size=1024,
-        unet=dict(
-            sample_size=128,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-            block_out_channels=[320, 640, 1280],
-            layers_per_block=2,
-            transformer_layers_per_block=[1, 2, 10],
-            attention_head_dim=[5, 10, 20],
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        ),
+        unet=SDXL,
         vae={**_SD_VAE, "sample_size": 1024, "force_upcast": True},
         text_dim=2048,
         text_len=77,
@@ -76,19 +163,7 @@ ARCHS: dict[str, dict[str, Any]] = {
     ),
     "sd3": dict(
         size=1024,
-        transformer=dict(
-            sample_size=128,
-            patch_size=2,
-            in_channels=16,
-            num_layers=24,
-            attention_head_dim=64,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            caption_projection_dim=1536,
-            pooled_projection_dim=2048,
-            out_channels=16,
-            pos_embed_max_size=192,
-        ),
+        transformer=SD3_MEDIUM,
         vae={
             **_SD_VAE,
             "latent_channels": 16,
@@ -103,6 +178,18 @@ ARCHS: dict[str, dict[str, Any]] = {
         pooled_dim=2048,
     ),
 }
+
+
+def build_architecture(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """The real `name` denoiser alone (see ARCHITECTURES) with random weights, on `device` ("meta" is free)."""
+    import diffusers
+
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    cls_name, config = ARCHITECTURES[name]
+    with torch.device(device):
+        model = getattr(diffusers, cls_name).from_config(config)
+    return torch.nn.Module.to(model, dtype=dtype).eval()
 
 
 def default_size(name: str) -> int:
@@ -131,7 +218,7 @@ def build_pipeline(name: str, dtype: torch.dtype = torch.float16, device: str = 
     with torch.device(device):  # weights made where they live: no host copy of 2.6B parameters
         vae = d.AutoencoderKL(**spec["vae"])
         if name == "sd3":
-            denoiser = d.SD3Transformer2DModel(**spec["transformer"])
+            denoiser = d.SD3Transformer2DModel.from_config(spec["transformer"])
             pipe = d.StableDiffusion3Pipeline(
                 transformer=denoiser,
                 scheduler=scheduler,
@@ -144,7 +231,7 @@ def build_pipeline(name: str, dtype: torch.dtype = torch.float16, device: str = 
                 tokenizer_3=None,
             )
         else:
-            denoiser = d.UNet2DConditionModel(**spec["unet"])
+            denoiser = d.UNet2DConditionModel.from_config(spec["unet"])
             if name == "sdxl":
                 pipe = d.StableDiffusionXLPipeline(
                     vae=vae,

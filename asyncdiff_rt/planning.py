@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .archs import ARCHITECTURES, SD3_MEDIUM, SD15, SD21, SDXL, build_architecture  # noqa: F401 - re-exported
 from .blocks import candidate_blocks
 from .cost import arch_hash, device_name, measure_block_costs
 from .partition import partition
@@ -37,115 +38,6 @@ __all__ = [
 ]
 
 
-# stabilityai/stable-diffusion-2-1, unet/config.json
-SD21 = dict(
-    act_fn="silu",
-    attention_head_dim=[5, 10, 20, 20],
-    block_out_channels=[320, 640, 1280, 1280],
-    center_input_sample=False,
-    cross_attention_dim=1024,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    downsample_padding=1,
-    dual_cross_attention=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    in_channels=4,
-    layers_per_block=2,
-    mid_block_scale_factor=1,
-    norm_eps=1e-05,
-    norm_num_groups=32,
-    num_class_embeds=None,
-    only_cross_attention=False,
-    out_channels=4,
-    sample_size=96,
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    upcast_attention=True,
-    use_linear_projection=True,
-)
-
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
-SDXL = dict(
-    act_fn="silu",
-    addition_embed_type="text_time",
-    addition_embed_type_num_heads=64,
-    addition_time_embed_dim=256,
-    attention_head_dim=[5, 10, 20],
-    block_out_channels=[320, 640, 1280],
-    center_input_sample=False,
-    class_embed_type=None,
-    class_embeddings_concat=False,
-    conv_in_kernel=3,
-    conv_out_kernel=3,
-    cross_attention_dim=2048,
-    cross_attention_norm=None,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    downsample_padding=1,
-    dual_cross_attention=False,
-    encoder_hid_dim=None,
-    encoder_hid_dim_type=None,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    in_channels=4,
-    layers_per_block=2,
-    mid_block_only_cross_attention=None,
-    mid_block_scale_factor=1,
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    norm_eps=1e-05,
-    norm_num_groups=32,
-    num_attention_heads=None,
-    num_class_embeds=None,
-    only_cross_attention=False,
-    out_channels=4,
-    projection_class_embeddings_input_dim=2816,
-    resnet_out_scale_factor=1.0,
-    resnet_skip_time_act=False,
-    resnet_time_scale_shift="default",
-    sample_size=128,
-    time_cond_proj_dim=None,
-    time_embedding_act_fn=None,
-    time_embedding_dim=None,
-    time_embedding_type="positional",
-    timestep_post_act=None,
-    transformer_layers_per_block=[1, 2, 10],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    upcast_attention=None,
-    use_linear_projection=True,
-)
-
-# runwayml/stable-diffusion-v1-5, unet/config.json (an extra; not asked for by the table in MEASUREMENTS.md)
-SD15 = dict(
-    SD21,
-    attention_head_dim=8,
-    cross_attention_dim=768,
-    sample_size=64,
-    upcast_attention=False,
-    use_linear_projection=False,
-)
-
-# stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
-
-# name -> (diffusers class, config): real architectures, built with random weights for plans and benchmarks
-ARCHITECTURES = {
-    "sd15": ("UNet2DConditionModel", SD15),
-    "sd21": ("UNet2DConditionModel", SD21),
-    "sdxl": ("UNet2DConditionModel", SDXL),
-    "sd3": ("SD3Transformer2DModel", SD3_MEDIUM),
-}
-
-
 class DenoiserOnly:
     """A stand-in pipeline holding just a denoiser (``.unet`` or ``.transformer``) and the VAE scale factor: what
     ``plan_for`` needs, without text encoders or a VAE in memory."""
@@ -158,18 +50,6 @@ class DenoiserOnly:
 
     def __repr__(self) -> str:
         return f"DenoiserOnly({self.name or type(getattr(self, 'unet', None) or self.transformer).__name__})"
-
-
-def build_architecture(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The real ``name`` architecture (see ARCHITECTURES) with random weights, on ``device`` ("meta" is free)."""
-    import diffusers
-
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
-    cls_name, config = ARCHITECTURES[name]
-    with torch.device(device):
-        model = getattr(diffusers, cls_name).from_config(config)
-    return nn.Module.to(model, dtype=dtype).eval()
 
 
 def load_pipeline_for_planning(

@@ -697,10 +697,11 @@ def _to_meta(x: Any) -> Any:
 
 
 def _signature(arguments: dict) -> Any:
+    """The tensor shapes a denoiser call passes, by argument path: what its trace and buffers depend on."""
     from torch.utils import _pytree as pytree
 
-    leaves = pytree.tree_leaves(arguments)
-    return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__ for x in leaves)
+    flat, _ = pytree.tree_flatten_with_path(arguments)
+    return tuple((pytree.keystr(path), tuple(x.shape), x.dtype) for path, x in flat if isinstance(x, torch.Tensor))
 
 
 def _default_resolution(pipe: Any, denoiser: torch.nn.Module) -> tuple[int, int]:

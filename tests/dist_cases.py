@@ -105,6 +105,9 @@ def run_cases(rank: int, world: int, cases: list[dict]):
 
     results = []
     for case in cases:
+        if case.get("device") == "per_rank":  # one GPU per rank (multigpu tests)
+            case = dict(case, device=f"cuda:{rank}")
+            torch.cuda.set_device(rank)
         pipe = build(case["kind"], case.get("device", "cpu"))
         if case.get("dtype_on_rank1") and rank == 1:
             pipe.unet.to(case["dtype_on_rank1"])
