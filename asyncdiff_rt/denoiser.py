@@ -17,6 +17,7 @@ __all__ = [
     "check_scheduler",
     "loop_timesteps",
     "TimestepArg",
+    "effective_warm_up",
     "first_tensor",
     "replace_first_tensor",
     "snapshot",
@@ -99,6 +100,14 @@ class TimestepArg:
         args["timestep"] = new
         rebound = inspect.BoundArguments(bound.signature, args)  # type: ignore[arg-type]
         return rebound.args, rebound.kwargs
+
+
+def effective_warm_up(warm_up: int, num_inference_steps: Any, denoiser_calls: int) -> int:
+    """`warm_up >= num_inference_steps` runs the whole loop exactly (DESIGN §6), also for schedulers that call the
+    denoiser more often than `num_inference_steps` (PNDM's PLMS steps: one extra call)."""
+    if isinstance(num_inference_steps, int) and warm_up >= num_inference_steps:
+        return max(warm_up, denoiser_calls)
+    return warm_up
 
 
 def first_tensor(output: Any) -> torch.Tensor:

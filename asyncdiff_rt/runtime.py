@@ -27,6 +27,7 @@ from .denoiser import (
     TimestepArg,
     check_scheduler,
     class_forward,
+    effective_warm_up,
     find_denoiser,
     first_tensor,
     fresh_copy,
@@ -71,6 +72,7 @@ class _CallState:
     tau: torch.Tensor | None = None
     schedule: list[Step] = field(default_factory=list)
     scale: float = 1.0  # passed timestep / scheduler timestep (1 for diffusers' SD pipelines)
+    warm_up: int = 1  # this call's warm-up (see effective_warm_up)
     batch: int | None = None
     pending_eps: torch.Tensor | None = None  # stride 2: ε of the pair's second step
     template: Any = None
@@ -244,7 +246,11 @@ class AsyncDiff:
         for name in plan.blocks if self.world_needed > 1 else ():  # one segment: nothing to replay or send
             self._overrides.install(modules[name], lambda orig, name=name: self._block_forward(name, orig))
         self._overrides.install(self.denoiser, self._denoiser_forward)
-        self._call_params = set(inspect.signature(type(pipeline).__call__).parameters)
+        call_signature = inspect.signature(type(pipeline).__call__)
+        self._call_params = set(call_signature.parameters)
+        steps_param = call_signature.parameters.get("num_inference_steps")
+        self._default_steps = steps_param.default if steps_param is not None else None
+        self._call_steps: Any = None
         self._call_hook = CallHook(pipeline, self._before_call, self._after_call)
 
     # ------------------------------------------------------------------------------------------ public API
@@ -410,6 +416,7 @@ class AsyncDiff:
                 "was attached: call ad.remove(), move the pipeline, then attach again"
             )
         self.reset_state()
+        self._call_steps = kwargs.get("num_inference_steps", self._default_steps)
         accepts = self._call_params
         if self.world_size > 1:
             if "generator" in accepts and kwargs.get("generator") is None and kwargs.get("latents") is None:
@@ -488,7 +495,9 @@ class AsyncDiff:
     def _begin_loop(self, bound: Any) -> None:
         st = self._state
         st.tau = loop_timesteps(self.pipe.scheduler)
-        st.schedule = self.schedule(len(st.tau))
+        warm_up = effective_warm_up(self.warm_up, self._call_steps, len(st.tau))
+        st.schedule = make_schedule(len(st.tau), self.model_n, self.stride, warm_up, self.time_shift, self.stride_eps)
+        st.warm_up = warm_up
         passed, first = TimestepArg.value(bound), float(st.tau[0])
         st.scale = passed / first if first != 0 else 1.0
         sample = next(iter(bound.arguments.values()))
@@ -559,7 +568,7 @@ class AsyncDiff:
         """Warm-up: the whole denoiser, exactly. With all weights here every rank computes it all; with dropped
         weights it runs as a sequential pipeline across ranks, each owner handing its fresh outputs on. Either
         way the block outputs of the last warm-up step seed the first asynchronous round."""
-        last_warm_up = k == self.warm_up - 1 and k + 1 < len(self._state.tau)
+        last_warm_up = k == self._state.warm_up - 1 and k + 1 < len(self._state.tau)
         if self.dropped_bytes:
             self._view, self._recording, self._sequential, self._fresh = (
                 self._views[0],

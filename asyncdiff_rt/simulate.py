@@ -17,6 +17,7 @@ from .denoiser import (
     TimestepArg,
     check_scheduler,
     class_forward,
+    effective_warm_up,
     find_denoiser,
     first_tensor,
     fresh_copy,
@@ -30,7 +31,10 @@ __all__ = ["simulate"]
 
 
 class _Simulation:
-    def __init__(self, plan: Plan, stride: int, warm_up: int, time_shift: bool, stride_eps: str):
+    def __init__(
+        self, plan: Plan, stride: int, warm_up: int, time_shift: bool, stride_eps: str, num_inference_steps: Any
+    ):
+        self.requested_warm_up, self.num_inference_steps = warm_up, num_inference_steps
         self.plan, self.stride, self.warm_up, self.time_shift, self.stride_eps = (
             plan,
             stride,
@@ -69,6 +73,7 @@ class _Simulation:
             self.k += 1
             if k == 0:
                 self.tau = loop_timesteps(scheduler)
+                self.warm_up = effective_warm_up(self.requested_warm_up, self.num_inference_steps, len(self.tau))
             bound = timestep_arg.bind(args, kwargs)
             if k < self.warm_up:
                 self.computing, self.record, self.current = None, True, {}
@@ -158,7 +163,15 @@ def simulate(
     if stride_eps not in ("reuse", "fresh"):
         raise ValueError(f"stride_eps must be 'reuse' or 'fresh', got {stride_eps!r}")
 
-    sim = _Simulation(plan, stride, warm_up, time_shift, stride_eps)
+    if getattr(type(pipe), "_asyncdiff_rt_hooked", False):
+        raise ValueError("this pipeline has an AsyncDiff attached: call ad.remove() before simulating it")
+    steps = call_kwargs.get("num_inference_steps")
+    if steps is None:
+        import inspect
+
+        param = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+        steps = param.default if param is not None else None
+    sim = _Simulation(plan, stride, warm_up, time_shift, stride_eps, steps)
     modules = dict(denoiser.named_modules())
     forwards = {name: sim.block_forward(name, modules[name].forward) for name in plan.blocks}
     forwards[""] = sim.denoiser_forward(denoiser.forward, TimestepArg(class_forward(denoiser)), pipe.scheduler)

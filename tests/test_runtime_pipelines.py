@@ -66,8 +66,8 @@ WORLD2 = {
     "sd15_full_weights": dict(kind="sd15", plan=SD_N2, steps=5, drop_weights=False),
     "sd15_shm": dict(kind="sd15", plan=SD_N2, steps=5, transport="shm"),
     "sdxl_shm_cut_up": dict(kind="sdxl", plan=SDXL_CUT_UP, steps=5, transport="shm"),
-    # PNDM (sd15) calls the denoiser once per timestep, num_inference_steps + 1 times: warm_up covers them all
-    "sd15_exact_warm_up": dict(kind="sd15", plan=SD_N2, steps=4, warm_up=5),
+    # PNDM (sd15) calls the denoiser num_inference_steps + 1 times: warm_up = steps still runs all of them exactly
+    "sd15_exact_warm_up": dict(kind="sd15", plan=SD_N2, steps=4, warm_up=4),
     "sd15_no_generator": dict(kind="sd15", plan=SD_N2, steps=3, no_generator=True, all_outputs=True, debug=True),
     "sd15_decode_rank0": dict(kind="sd15", plan=SD_N2, steps=3, output_type="pt", all_outputs=True),
     # bad input: each must fail on every rank with a clear message
