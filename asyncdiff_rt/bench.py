@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -108,14 +109,34 @@ def _decode_ms(pipe: Any, latents: torch.Tensor) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def _shm_worker(rank: int, world: int, model: str, steps: int, runs: int, variant: str) -> dict | None:
+def parse_multi(variant: str) -> dict[str, Any] | None:
+    """`ours_shm2` / `ours_shm3`: model_n processes on ONE GPU over shm; `ours_n{N}s{S}w{W}`: model_n=N, stride S,
+    warm_up W, one process per GPU over nccl (N + S - 1 GPUs)."""
+    m = re.fullmatch(r"ours_shm(\d)", variant)
+    if m:
+        return dict(model_n=int(m[1]), stride=1, warm_up=1, transport="shm", one_gpu=True)
+    m = re.fullmatch(r"ours_n(\d)s([12])w(\d+)", variant)
+    if m:
+        return dict(model_n=int(m[1]), stride=int(m[2]), warm_up=int(m[3]), transport="nccl", one_gpu=False)
+    return None
+
+
+def _multi_worker(rank: int, world: int, model: str, steps: int, runs: int, cfg: dict) -> dict:
     import asyncdiff_rt
     from asyncdiff_rt.archs import build_pipeline, prompt_kwargs
 
-    torch.cuda.set_device(0)
-    pipe = build_pipeline(model)
+    device = 0 if cfg["one_gpu"] else rank
+    torch.cuda.set_device(device)
+    pipe = build_pipeline(model, device=f"cuda:{device}")
     pipe.set_progress_bar_config(disable=True)
-    ad = asyncdiff_rt.AsyncDiff(pipe, model_n=world, warm_up=1, transport="shm", timeout_s=600)
+    ad = asyncdiff_rt.AsyncDiff(
+        pipe,
+        model_n=cfg["model_n"],
+        stride=cfg["stride"],
+        warm_up=cfg["warm_up"],
+        transport=cfg["transport"],
+        timeout_s=600,
+    )
     kwargs = {
         **prompt_kwargs(model, pipe),
         "num_inference_steps": steps,
@@ -125,8 +146,11 @@ def _shm_worker(rank: int, world: int, model: str, steps: int, runs: int, varian
     result = _time_loop(pipe, kwargs, runs)
     result["plan"] = ad.plan.to_dict()
     result["param_gib_rank"] = ad.parameter_bytes() / 2**30
+    result["dropped_gib_rank"] = ad.dropped_bytes / 2**30
     ad.remove()
-    return result if rank == 0 else {"param_gib_rank": result["param_gib_rank"]}
+    if rank == 0:
+        return result
+    return {k: result[k] for k in ("param_gib_rank", "dropped_gib_rank", "peak_mem_gib")}
 
 
 def run_variant(model: str, variant: str, steps: int, runs: int) -> dict[str, Any]:
@@ -134,11 +158,16 @@ def run_variant(model: str, variant: str, steps: int, runs: int) -> dict[str, An
     from asyncdiff_rt.archs import build_pipeline, prompt_kwargs
     from asyncdiff_rt.launch import spawn
 
-    if variant.startswith("ours_shm"):
-        world = int(variant[-1])
-        results = spawn(_shm_worker, world, model, steps, runs, variant, timeout_s=900)
+    multi = parse_multi(variant)
+    if multi is not None:
+        world = multi["model_n"] + multi["stride"] - 1
+        if not multi["one_gpu"] and torch.cuda.device_count() < world:
+            raise RuntimeError(f"{variant} needs {world} GPUs, this machine has {torch.cuda.device_count()}")
+        results = spawn(_multi_worker, world, model, steps, runs, multi, timeout_s=900)
         res = results[0]
+        res.update(multi)
         res["param_gib_per_rank"] = [r["param_gib_rank"] for r in results]
+        res["peak_mem_gib_per_rank"] = [r["peak_mem_gib"] for r in results]
         return res
     pipe = build_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -192,6 +221,27 @@ def _markdown(data: dict[str, Any]) -> str:
             f"{base / med:.2f}x | {floor / med if floor else float('nan'):.3f} | {r['first_call_s']:.1f} | "
             f"{r['peak_mem_gib']:.1f} | {r.get('max_abs_vs_eager', float('nan')):.3g} |"
         )
+    ours1 = rows.get("ours_n1", {}).get("median_s")
+    multi = [(n, r) for n, r in rows.items() if parse_multi(n) and "median_s" in r and not r.get("one_gpu", True)]
+    if multi:
+        lines += [
+            "",
+            "Several GPUs, one process per GPU (nccl): speed-up over our own model_n=1 and efficiency against the "
+            "ideal K / (W + (K - W) / n).",
+            "",
+            "| variant | n | stride | W | loop (s) | vs eager | vs ours n=1 | ideal | efficiency | weights GiB/rank |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        K = meta["steps"]
+        for name, r in sorted(multi):
+            n, w = r["model_n"], r["warm_up"]
+            ideal = K / (w + (K - w) / n)
+            speed = ours1 / r["median_s"] if ours1 else float("nan")
+            weights = "/".join(f"{g:.2f}" for g in r["param_gib_per_rank"])
+            lines.append(
+                f"| {name} | {n} | {r['stride']} | {w} | {r['median_s']:.3f} | {base / r['median_s']:.2f}x "
+                f"| {speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} | {weights} |"
+            )
     if "vae_decode_ms" in rows.get("eager", {}):
         lines += ["", f"VAE decode (one image, separately): {rows['eager']['vae_decode_ms']:.1f} ms"]
     return "\n".join(lines) + "\n"
@@ -224,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--model", required=True, choices=list(ARCHS))
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="several GPUs: measure n2s1..n{N}s1 and n2s2..n{N-1}s2 at warm_up 1, 3, 9 (plus eager and ours_n1)",
+    )
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results")
@@ -248,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         "diffusers": diffusers.__version__,
         "date": datetime.date.today().isoformat(),
     }
+    if args.nproc:
+        several = [f"ours_n{n}s1w{w}" for n in range(2, args.nproc + 1) for w in (1, 3, 9)]
+        several += [f"ours_n{n}s2w{w}" for n in range(2, args.nproc) for w in (1, 3, 9)]
+        args.variants = ",".join(["eager", "ours_n1", *several])
     eager_latents = None
     # the eager run's latents, to compare the other variants against (kept out of the results folder)
     latents_path = os.path.join(tempfile.gettempdir(), f"asyncdiff_rt_{os.path.basename(stem)}_eager.pt")
