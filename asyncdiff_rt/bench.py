@@ -144,6 +144,10 @@ def _multi_worker(rank: int, world: int, model: str, steps: int, runs: int, cfg:
         "generator": torch.Generator("cpu").manual_seed(0),
     }
     result = _time_loop(pipe, kwargs, runs)
+    if cfg.get("timeline"):  # one more call, recorded: compute and exposed communication per rank
+        ad.record_timeline()
+        pipe(**{**kwargs, "generator": torch.Generator("cpu").manual_seed(0)})
+        result["timeline"] = ad.gather_timeline()
     result["plan"] = ad.plan.to_dict()
     result["param_gib_rank"] = ad.parameter_bytes() / 2**30
     result["dropped_gib_rank"] = ad.dropped_bytes / 2**30
@@ -284,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--force", action="store_true", help="measure variants already in the results file again")
+    p.add_argument(
+        "--timeline",
+        default=None,
+        metavar="PNG",
+        help="draw per rank the compute and exposed-communication spans of one call (of --timeline_variant)",
+    )
+    p.add_argument("--timeline_variant", default="ours_shm2", help="a multi-process variant, e.g. ours_n4s1w3")
+    p.add_argument("--timeline_steps", type=int, default=12)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench measures GPU latency: no CUDA device here")
@@ -311,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     eager_latents = None
     # the eager run's latents, to compare the other variants against (kept out of the results folder)
     latents_path = os.path.join(tempfile.gettempdir(), f"asyncdiff_rt_{os.path.basename(stem)}_eager.pt")
-    for variant in args.variants.split(","):
+    for variant in [v for v in args.variants.split(",") if v]:
         if variant in data["variants"] and "error" not in data["variants"][variant] and not args.force:
             print(f"{variant}: already measured, skipped (--force to redo)")
             continue
@@ -342,6 +354,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{variant}: median {res['median_s']:.3f} s", flush=True)
         with open(stem + ".json", "w") as f:
             json.dump(data, f, indent=2)
+    if args.timeline:
+        from .launch import spawn
+        from .timeline import draw_timeline
+
+        cfg = parse_multi(args.timeline_variant)
+        if cfg is None:
+            raise SystemExit(f"--timeline_variant {args.timeline_variant!r} is not a multi-process variant")
+        world = cfg["model_n"] + cfg["stride"] - 1
+        res = spawn(_multi_worker, world, args.model, args.timeline_steps, 1, {**cfg, "timeline": True}, timeout_s=900)
+        draw_timeline(res[0]["timeline"], args.timeline, f"{args.model} {args.timeline_variant} on {device}")
+        print(f"timeline: {args.timeline}")
+    if not data["variants"]:
+        return 0
     with open(stem + ".json", "w") as f:
         json.dump(data, f, indent=2)
     with open(stem + ".md", "w") as f:

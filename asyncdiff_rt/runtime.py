@@ -38,6 +38,7 @@ from .denoiser import (
 from .hooks import CallHook, ForwardOverrides
 from .plan import Plan, PlanError
 from .schedule import EXACT, REUSE, Step, make_schedule, roles
+from .timeline import Timeline
 from .transport import TransportError, ensure_process_group, make_transport
 from .transport import resolve as resolve_transport
 
@@ -236,6 +237,7 @@ class AsyncDiff:
         self._use_graphs = self.device.type == "cuda" if graphs is None else bool(graphs)
         self._compile = compile
         self._compiled: Any = None
+        self.timeline = Timeline(self.device)
         self._state = _CallState()
         self._saved_progress: dict | None = None
 
@@ -263,6 +265,15 @@ class AsyncDiff:
             self.warm_up = warm_up
         self._state = _CallState()
         self._fresh = {}
+
+    def record_timeline(self, enabled: bool = True) -> None:
+        """Record compute and communication spans of the following pipeline calls (timeline.py)."""
+        self.timeline.enabled = enabled
+        self.timeline.clear()
+
+    def gather_timeline(self) -> list[list[dict[str, Any]]]:
+        """Every rank's spans of the last recorded call, in rank order (a collective: call it on every rank)."""
+        return self.transport.all_gather_object(self.timeline.intervals())
 
     def schedule(self, num_steps: int) -> list[Step]:
         return make_schedule(num_steps, self.model_n, self.stride, self.warm_up, self.time_shift, self.stride_eps)
@@ -416,6 +427,7 @@ class AsyncDiff:
                 "was attached: call ad.remove(), move the pipeline, then attach again"
             )
         self.reset_state()
+        self.timeline.clear()
         self._call_steps = kwargs.get("num_inference_steps", self._default_steps)
         accepts = self._call_params
         if self.world_size > 1:
@@ -569,6 +581,14 @@ class AsyncDiff:
         weights it runs as a sequential pipeline across ranks, each owner handing its fresh outputs on. Either
         way the block outputs of the last warm-up step seed the first asynchronous round."""
         last_warm_up = k == self._state.warm_up - 1 and k + 1 < len(self._state.tau)
+        with self.timeline.span("warm-up", k):
+            out = self._warm_up_forward(original, last_warm_up, args, kwargs)
+        eps = first_tensor(out).clone()  # the pipeline keeps ε (multistep schedulers): never hand out a buffer
+        with self.timeline.span("ε", k, "comm"):
+            self.transport.broadcast(eps, src=self.model_n - 1, step=k)
+        return replace_first_tensor(out, eps)
+
+    def _warm_up_forward(self, original: Any, last_warm_up: bool, args: tuple, kwargs: dict) -> Any:
         if self.dropped_bytes:
             self._view, self._recording, self._sequential, self._fresh = (
                 self._views[0],
@@ -584,9 +604,7 @@ class AsyncDiff:
             out = self._run(original, None, frozenset(self._store) if last_warm_up else frozenset(), args, kwargs)
             if last_warm_up:
                 self._keep(self._fresh)
-        eps = first_tensor(out).clone()  # the pipeline keeps ε (multistep schedulers): never hand out a buffer
-        self.transport.broadcast(eps, src=self.model_n - 1, step=k)
-        return replace_first_tensor(out, eps)
+        return out
 
     def _keep(self, fresh: dict[str, tuple[list[Any], Any]]) -> None:
         """Copy outputs into the static store (Note [static buffers]): graphs read the store by address."""
@@ -603,7 +621,9 @@ class AsyncDiff:
         for view in self._views:
             args, kwargs = TimestepArg.substitute(bound, st.tau[step.t_index[view.rank]])
             recording = frozenset(view.sends) if view.rank < self.model_n else frozenset()
-            out = self._run(original, view, recording, args, kwargs)
+            lane = "compute" if len(self._views) == 1 else f"view {view.rank}"
+            with self.timeline.span("compute", step.k, lane):
+                out = self._run(original, view, recording, args, kwargs)
             outs[view.rank] = out if len(self._views) == 1 else _clone_first(out)  # a graph's output is reused
             fresh.update(self._fresh)
         if self.transport_name == "local":
@@ -615,11 +635,13 @@ class AsyncDiff:
                 st.pending_eps = first_tensor(outs[step.next_eps_rank]).clone()
         else:
             self._fresh = fresh
-            self._exchange(step.k)
+            with self.timeline.span("exchange", step.k, "comm"):
+                self._exchange(step.k)
             out = outs[self.rank]
             mine = first_tensor(out)
             eps = mine.clone()  # the broadcast overwrites it; the pipeline keeps it
-            self.transport.broadcast(eps, src=step.eps_rank, step=step.k)
+            with self.timeline.span("ε", step.k, "comm"):
+                self.transport.broadcast(eps, src=step.eps_rank, step=step.k)
             if step.next_eps_rank >= 0:
                 nxt = mine.clone() if self.rank == step.next_eps_rank else torch.empty_like(eps)
                 self.transport.broadcast(nxt, src=step.next_eps_rank, step=step.k)

@@ -132,7 +132,11 @@ def run_cases(rank: int, world: int, cases: list[dict]):
                 from diffusers import HeunDiscreteScheduler
 
                 pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+            if case.get("timeline"):
+                ad.record_timeline()
             outputs = [call(case, pipe, rank) for _ in range(case.get("calls", 1))]
+            if case.get("timeline"):
+                result["timeline"] = ad.gather_timeline()
             outputs = [x.cpu() for x in outputs]
             result["outputs"] = outputs if (rank == 0 or case.get("all_outputs")) else None
             if case.get("bytes"):

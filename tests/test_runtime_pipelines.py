@@ -62,6 +62,7 @@ WORLD2 = {
     "sdxl_cut_up": dict(kind="sdxl", plan=SDXL_CUT_UP, steps=5),
     "sdxl_head_tail": dict(kind="sdxl", plan=SDXL_HEAD_TAIL, steps=5),
     "sd3_n2": dict(kind="sd3", plan=SD3_N2, steps=5, bytes=True),
+    "sd15_timeline": dict(kind="sd15", plan=SD_N2, steps=5, warm_up=2, timeline=True),
     "sd15_two_calls": dict(kind="sd15", plan=SD_N2, steps=4, calls=2, debug=True),
     "sd15_full_weights": dict(kind="sd15", plan=SD_N2, steps=5, drop_weights=False),
     "sd15_shm": dict(kind="sd15", plan=SD_N2, steps=5, transport="shm"),
@@ -248,3 +249,19 @@ def test_dead_peer_makes_the_others_raise_within_the_timeout(transport):
     assert status["status"] == "error" and status["error"][0] == "TransportError", status
     assert "rank 1" in status["error"][1] and "step" in status["error"][1], status["error"][1]
     assert elapsed < 60
+
+
+def test_timeline_spans_every_step_on_every_rank(world2, tmp_path):
+    from asyncdiff_rt.timeline import draw_timeline
+
+    per_rank = ok(world2["sd15_timeline"])["timeline"]
+    assert len(per_rank) == 2
+    for spans in per_rank:
+        kinds = {(s["kind"], s["step"]) for s in spans}
+        # PNDM: 6 denoiser calls for 5 steps; warm_up=2 exact steps, then a round with an exchange per step
+        assert {("warm-up", 0), ("warm-up", 1)} <= kinds
+        assert all(("compute", k) in kinds and ("exchange", k) in kinds for k in range(2, 6))
+        assert all(s["end_ms"] >= s["start_ms"] >= 0 for s in spans)
+    path = tmp_path / "timeline.png"
+    draw_timeline(per_rank, str(path))
+    assert path.stat().st_size > 1000
