@@ -42,3 +42,27 @@ def test_gloo_equals_simulator(world, cases):
         assert got["status"] == "ok", got
         for out in got["outputs"]:
             torch.testing.assert_close(out, expected(case), rtol=0, atol=1e-12)
+
+
+def subgroup_worker(rank: int, world: int, transport: str):
+    """4 processes as 2 x model_n=2: every rank creates both groups (new_group is collective), joins its own."""
+    import torch.distributed as dist
+
+    import asyncdiff_rt
+
+    dist.init_process_group("gloo")
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pipe = ToyPipeline(6)
+    ad = asyncdiff_rt.AsyncDiff(pipe, plan=[["A"], ["B", "C"]], group=groups[rank // 2], transport=transport)
+    assert ad.rank == rank % 2 and ad.world_size == 2
+    out = torch.tensor(pipe(), dtype=torch.float64)
+    ad.remove()
+    return out
+
+
+@pytest.mark.parametrize("transport", ["gloo", "shm"])
+def test_subgroups_run_independent_instances(transport):
+    results = spawn(subgroup_worker, 4, transport, timeout_s=180)
+    reference = expected(dict(plan=[["A"], ["B", "C"]], steps=6))
+    for out in results:
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
