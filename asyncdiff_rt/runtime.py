@@ -143,6 +143,8 @@ class AsyncDiff:
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
 
+        if getattr(type(pipeline), "_asyncdiff_rt_hooked", False):
+            raise ConfigError("this pipeline already has an AsyncDiff attached: call .remove() on it first")
         self.pipe = pipeline
         self._height, self._width = height, width
         self.denoiser_attr, self.denoiser = find_denoiser(pipeline)
