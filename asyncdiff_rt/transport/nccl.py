@@ -15,13 +15,10 @@ host sync outside the transport does not hang; the next transport call raises Tr
 
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import socket
-import threading
 import time
-import weakref
 from typing import Any
 
 import torch
@@ -29,6 +26,7 @@ import torch
 from .. import native
 from .base import Transport, TransportError
 from .shm import StoreRendezvous, group_store
+from .watchdog import WatchdogThread
 
 __all__ = ["NcclTransport"]
 
@@ -53,46 +51,21 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-class _Watchdog(threading.Thread):
+class _Watchdog(WatchdogThread):
     def __init__(self, owner: NcclTransport, poll_s: float = 0.02):
-        super().__init__(name=f"asyncdiff_rt-nccl-watchdog-r{owner.rank}", daemon=True)
-        self._owner = weakref.ref(owner)
+        super().__init__(owner, "nccl", poll_s)
         self._comm = owner._comm  # only its thread-safe calls: completed, abort
         self._peer_pids = dict(owner._local_peer_pids)
-        self._events: collections.deque = collections.deque()  # (step, issued at, seq)
-        self._lock = threading.Lock()
-        self._stop_event = threading.Event()
-        self.poll_s = poll_s
-        self.timeout_s = owner.timeout_s
-        self.error: str | None = None
-
-    def watch(self, step: int, seq: int) -> None:
-        with self._lock:
-            self._events.append((step, time.monotonic(), seq))
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        if self.is_alive():
-            self.join(timeout=30)
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.poll_s):
-            with self._lock:
-                head = self._events[0] if self._events else None
-            if head is None:
-                continue
+        for head in self.heads():
             step, issued_at, seq = head
             if self._comm.completed(seq):
-                with self._lock:
-                    if self._events and self._events[0] is head:
-                        self._events.popleft()
+                self.done(head)
                 continue
             dead = [r for r, pid in self._peer_pids.items() if not _pid_alive(pid)]
-            problem = ""
-            if dead:
-                problem = f"peer rank {dead[0]} (pid {self._peer_pids[dead[0]]}) exited"
-            elif time.monotonic() - issued_at > self.timeout_s:
-                problem = f"no progress for {self.timeout_s:g} s (a peer stalled)"
+            problem = f"peer rank {dead[0]} (pid {self._peer_pids[dead[0]]}) exited" if dead else ""
+            problem = problem or self.stalled(issued_at)
             if problem:
                 owner = self._owner()
                 rank = owner.rank if owner is not None else "?"
@@ -102,8 +75,7 @@ class _Watchdog(threading.Thread):
                     "so the data of this step and later ones is invalid"
                 )
                 self._comm.abort(self.error)
-                with self._lock:
-                    self._events.clear()
+                self.clear()
                 return
 
 

@@ -23,7 +23,6 @@ call `synchronize()` before they trust a result (the runtime does, at the end of
 
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import pickle
@@ -31,7 +30,6 @@ import secrets
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -40,6 +38,7 @@ import torch
 
 from .. import native
 from .base import Transport, TransportError
+from .watchdog import WatchdogThread
 
 __all__ = ["ShmTransport", "StoreRendezvous", "group_store"]
 
@@ -137,38 +136,18 @@ class _Link:
         self.seq = 0
 
 
-class _Watchdog(threading.Thread):
+class _Watchdog(WatchdogThread):
     """Note [shm watchdog]."""
 
     def __init__(self, owner: ShmTransport, poll_s: float = 0.02):
-        super().__init__(name=f"asyncdiff_rt-shm-watchdog-r{owner.rank}", daemon=True)
-        self._owner = weakref.ref(owner)
-        self._events: collections.deque = collections.deque()  # (step, issued at, [(channel, seq)])
-        self._lock = threading.Lock()
-        self._stop_event = threading.Event()
-        self.poll_s = poll_s
-        self.timeout_s = owner.timeout_s
-        self.error: str | None = None
-
-    def watch(self, step: int, ops: list[tuple[Any, int]]) -> None:
-        with self._lock:
-            self._events.append((step, time.monotonic(), ops))
+        super().__init__(owner, "shm", poll_s)
 
     @staticmethod
     def _done(ops: list[tuple[Any, int]]) -> bool:
         return all(channel.completed(seq) for channel, seq in ops)
 
-    def stop(self) -> None:
-        self._stop_event.set()
-        if self.is_alive():
-            self.join(timeout=30)
-
     def run(self) -> None:
-        while not self._stop_event.wait(self.poll_s):
-            with self._lock:
-                head = self._events[0] if self._events else None
-            if head is None:
-                continue
+        for head in self.heads():
             step, issued_at, ops = head
             owner = self._owner()
             if owner is None:
@@ -177,13 +156,10 @@ class _Watchdog(threading.Thread):
                 done = self._done(ops)
                 problem = "" if done else next((p for p in (c.peer_problem() for c in owner._channels()) if p), "")
             if done:
-                with self._lock:
-                    if self._events and self._events[0] is head:
-                        self._events.popleft()
+                self.done(head)
                 del owner
                 continue
-            if not problem and time.monotonic() - issued_at > self.timeout_s:
-                problem = f"no progress for {self.timeout_s:g} s (a peer stalled)"
+            problem = problem or self.stalled(issued_at)
             if problem:
                 if self.error is None:
                     self.error = (
@@ -196,16 +172,14 @@ class _Watchdog(threading.Thread):
     def _release(self, owner: ShmTransport) -> None:
         deadline = time.monotonic() + 10.0
         while not self._stop_event.is_set() and time.monotonic() < deadline:
-            with self._lock:
-                pending = list(self._events)
+            pending = self.pending()
             with owner._channels_lock:
                 for c in owner._channels():
                     c.release_from_host()
                 if all(self._done(ops) for _, _, ops in pending):
                     break
             time.sleep(1e-3)
-        with self._lock:
-            self._events.clear()
+        self.clear()
 
 
 class ShmTransport(Transport):
