@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import re
@@ -157,9 +158,36 @@ def _multi_worker(rank: int, world: int, model: str, steps: int, runs: int, cfg:
     return {k: result[k] for k in ("param_gib_rank", "dropped_gib_rank", "peak_mem_gib")}
 
 
-def run_variant(model: str, variant: str, steps: int, runs: int) -> dict[str, Any]:
+def setup_single(model: str, variant: str, steps: int) -> tuple[Any, dict]:
+    """The pipeline of a one-process variant, prepared as the variant says, and its call's keyword arguments."""
     import asyncdiff_rt
     from asyncdiff_rt.archs import build_pipeline, prompt_kwargs
+
+    if variant not in VARIANTS or parse_multi(variant) is not None:
+        raise ValueError(f"{variant!r} is not a one-process variant ({', '.join(VARIANTS[:6])})")
+    # the previous variant's pipeline may sit in a reference cycle (forward overrides): free it, or its weights
+    # count in this variant's peak memory
+    gc.collect()
+    torch.cuda.empty_cache()
+    pipe = build_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {
+        **prompt_kwargs(model, pipe),
+        "num_inference_steps": steps,
+        "output_type": "latent",
+        "generator": torch.Generator("cpu").manual_seed(0),
+    }
+    den = pipe.transformer if model == "sd3" else pipe.unet
+    if variant == "graph_floor":
+        _graph_floor(pipe)
+    elif variant.startswith("compile_"):
+        den.compile(mode="reduce-overhead" if variant == "compile_ro" else None)
+    elif variant.startswith("ours_n1"):
+        asyncdiff_rt.AsyncDiff(pipe, model_n=1, warm_up=1, compile=variant.endswith("compile"))
+    return pipe, kwargs
+
+
+def run_variant(model: str, variant: str, steps: int, runs: int) -> dict[str, Any]:
     from asyncdiff_rt.launch import spawn
 
     multi = parse_multi(variant)
@@ -173,22 +201,8 @@ def run_variant(model: str, variant: str, steps: int, runs: int) -> dict[str, An
         res["param_gib_per_rank"] = [r["param_gib_rank"] for r in results]
         res["peak_mem_gib_per_rank"] = [r["peak_mem_gib"] for r in results]
         return res
-    pipe = build_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = {
-        **prompt_kwargs(model, pipe),
-        "num_inference_steps": steps,
-        "output_type": "latent",
-        "generator": torch.Generator("cpu").manual_seed(0),
-    }
-    den = pipe.transformer if model == "sd3" else pipe.unet
+    pipe, kwargs = setup_single(model, variant, steps)
     extra: dict[str, Any] = {}
-    if variant == "graph_floor":
-        _graph_floor(pipe)
-    elif variant.startswith("compile_"):
-        den.compile(mode="reduce-overhead" if variant == "compile_ro" else None)
-    elif variant.startswith("ours_n1"):
-        asyncdiff_rt.AsyncDiff(pipe, model_n=1, warm_up=1, compile=variant.endswith("compile"))
     res = _time_loop(pipe, kwargs, runs)
     if variant == "eager":
         extra["vae_decode_ms"] = _decode_ms(pipe, res["latents"])

@@ -90,12 +90,13 @@ class TimestepArg:
         return float(t)
 
     @staticmethod
-    def substitute(bound: inspect.BoundArguments, new_value: torch.Tensor) -> tuple[tuple, dict]:
+    def substitute(bound: inspect.BoundArguments, new_value: torch.Tensor | float) -> tuple[tuple, dict]:
+        """A tensor `new_value` already on the timestep's device costs no host synchronisation."""
         t = bound.arguments["timestep"]
         if isinstance(t, torch.Tensor):
-            new = new_value.to(device=t.device, dtype=t.dtype).expand(t.shape)
+            new = torch.as_tensor(new_value).to(device=t.device, dtype=t.dtype).expand(t.shape)
         else:
-            new = type(t)(new_value.item())
+            new = type(t)(float(new_value))
         args = dict(bound.arguments)
         args["timestep"] = new
         rebound = inspect.BoundArguments(bound.signature, args)  # type: ignore[arg-type]

@@ -35,8 +35,11 @@ def first_output(out):
 def pipeline_kwargs(case: dict, rank: int = 0) -> dict:
     from asyncdiff_rt.tiny import call_kwargs
 
-    kwargs = call_kwargs(
-        case["kind"], steps=case.get("steps", 4), seed=case.get("seed", 0) + case.get("rank_seed", 0) * rank
+    kwargs = call_kwargs(  # the generator on the case's device: CPU and CUDA generators draw different noise
+        case["kind"],
+        steps=case.get("steps", 4),
+        seed=case.get("seed", 0) + case.get("rank_seed", 0) * rank,
+        device=case.get("device", "cpu"),
     )
     kwargs["output_type"] = case.get("output_type", "latent")
     kwargs.update(case.get("call", {}))
@@ -127,6 +130,7 @@ def run_cases(rank: int, world: int, cases: list[dict]):
                 timeout_s=case.get("timeout_s", 60),
                 debug=case.get("debug", False),
                 drop_weights=case.get("drop_weights"),
+                graphs=case.get("graphs"),
             )
             if case.get("schedule_swap"):
                 from diffusers import HeunDiscreteScheduler

@@ -4,6 +4,7 @@ moved or offloaded after attaching, remove, and the plan it exposes."""
 import pytest
 import torch
 
+import asyncdiff_rt
 from asyncdiff_rt import AsyncDiff, ConfigError, Plan, simulate
 from asyncdiff_rt.tiny import call_kwargs, make_pipeline, output_of
 
@@ -87,3 +88,13 @@ def test_remove_restores_plain_diffusers_and_plan_is_json():
     ad.remove()
     assert type(pipe) is cls and "forward" not in pipe.unet.__dict__
     torch.testing.assert_close(output_of(run_sd15(pipe)), plain, rtol=0, atol=0)
+
+
+def test_denoiser_called_out_of_timestep_order_is_refused():
+    from toy import OutOfOrderToy
+
+    pipe = OutOfOrderToy(6)
+    ad = AsyncDiff(pipe, plan=[["A"], ["B", "C"]], warm_up=1, transport="local")
+    with pytest.raises(asyncdiff_rt.DenoiserError, match=r"step 2: the denoiser got timestep 7 but .*τ\[2\] is 8"):
+        pipe()
+    ad.remove()

@@ -52,3 +52,20 @@ class ToyPipeline:
             x = x - 0.01 * eps
             xs.append(x)
         return [float(v) for v in xs]
+
+
+class OutOfOrderToy(ToyPipeline):
+    """Calls the denoiser at step 2 with the next step's timestep, as a two-calls-per-step loop would."""
+
+    def __init__(self, steps: int = 6, device: str = "cpu"):
+        super().__init__(steps)
+        self.unet.to(device)
+        self.scheduler.timesteps = self.scheduler.timesteps.to(device)
+
+    @torch.no_grad()
+    def __call__(self, x0: float = 1.0):
+        ts = self.scheduler.timesteps
+        x = torch.full((1, 1), x0, dtype=torch.float64, device=ts.device)
+        for k in range(len(ts)):
+            x = x - 0.01 * self.unet(x, ts[k + 1] if k == 2 else ts[k])[0]
+        return x

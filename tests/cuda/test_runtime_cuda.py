@@ -90,9 +90,11 @@ def test_graph_equals_eager_local():
 )
 def test_processes_on_one_gpu_over_shm_equal_simulator(world, case):
     """The real multi-process runtime, several processes sharing the one GPU through page-locked shared memory."""
-    from dist_cases import run_cases
+    from dist_cases import exact_gpu_math, run_cases
 
     from asyncdiff_rt.launch import spawn
+
+    exact_gpu_math()  # the workers run without TF32; the simulator here must too (cuDNN convs default to TF32)
 
     case = dict(case, device="cuda", transport="shm", warm_up=2)
     results = spawn(run_cases, world, [case], timeout_s=300)
@@ -114,3 +116,16 @@ def test_processes_on_one_gpu_over_shm_equal_simulator(world, case):
     exact = output_of(pipe(**kw)).cpu()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (got - exact).abs().max() > 1e-3
+
+
+def test_out_of_order_timestep_on_gpu_is_refused_after_the_loop():
+    """GPU timesteps are checked after the loop (one host read, Note [no host sync]), still naming the step."""
+    from toy import OutOfOrderToy
+
+    import asyncdiff_rt
+
+    pipe = OutOfOrderToy(6, device="cuda")
+    ad = AsyncDiff(pipe, plan=[["A"], ["B", "C"]], warm_up=1, transport="local")
+    with pytest.raises(asyncdiff_rt.DenoiserError, match=r"step 2: the denoiser got timestep 7 but .*τ\[2\] is 8"):
+        pipe()
+    ad.remove()
