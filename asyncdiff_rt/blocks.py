@@ -192,6 +192,9 @@ def candidate_blocks(denoiser: nn.Module, granularity: str = "fine") -> list[str
     if granularity not in ("fine", "coarse"):
         raise ValueError(f"granularity must be 'fine' or 'coarse', got {granularity!r}")
     fine = granularity == "fine"
+    parts = getattr(denoiser, "composite_parts", None)  # e.g. ControlNet + UNet (controlnet.py): each part's blocks
+    if parts:
+        return [f"{p}.{b}" for p in parts for b in candidate_blocks(getattr(denoiser, p), granularity)]
     children = dict(denoiser.named_children())
     if "down_blocks" in children or "up_blocks" in children:
         blocks = _unet_blocks(denoiser, fine)

@@ -32,6 +32,11 @@ class DenoiserError(ValueError):
 
 
 def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
+    from .controlnet import installed_denoiser
+
+    composite = installed_denoiser(pipe)  # ControlNet listed as blocks: ControlNet + UNet as one denoiser
+    if composite is not None:
+        return "unet", composite
     for attr in DENOISER_ATTRS:
         module = getattr(pipe, attr, None)
         if isinstance(module, torch.nn.Module):

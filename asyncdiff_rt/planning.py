@@ -133,6 +133,10 @@ def example_inputs(
     ``overrides`` replace or add keyword arguments (e.g. ``num_frames`` for video, ``encoder_hidden_states`` of
     another length, ``down_block_additional_residuals`` for ControlNet).
     """
+    compose = getattr(denoiser, "example_inputs_from", None)  # ControlNet + UNet (controlnet.py)
+    if compose is not None:
+        args, kwargs = example_inputs(denoiser.unet, height, width, batch, dtype, device, pipe, **overrides)
+        return compose(args, kwargs, height, width)
     cfg = _cfg(denoiser)
     name = type(denoiser).__name__
     vae = _pipe_int(pipe, "vae_scale_factor", 8)
@@ -332,6 +336,7 @@ def plan_for(
     granularity: str = "fine",
     keep_head_tail: bool = False,
     cache: bool = True,
+    controlnet: str = "auto",
     **denoiser_call_overrides: Any,
 ) -> Plan:
     """The measured partition of ``pipe``'s denoiser into ``model_n`` segments at ``height`` x ``width`` pixels
@@ -341,24 +346,32 @@ def plan_for(
     ``device`` to the denoiser's. Block costs are cached on disk (``cache=False`` measures again). Keyword
     arguments ``bandwidth_Bps``, ``slack``, ``repeats``, ``trace_on`` ("meta" or "real") and ``costs`` pass to
     ``plan_for_denoiser``; any other keyword overrides an argument of the denoiser's call (e.g. ``num_frames``).
+    ``controlnet`` as AsyncDiff's: with "auto"/"blocks" a ControlNet pipeline's plan lists ControlNet and UNet
+    blocks (``controlnet.*``, ``unet.*``).
     """
+    from .controlnet import attach_controlnet
     from .denoiser import find_denoiser
 
-    _, denoiser = find_denoiser(pipe)
-    return plan_for_denoiser(
-        denoiser,
-        model_n,
-        height,
-        width,
-        batch,
-        dtype,
-        device,
-        granularity,
-        keep_head_tail,
-        cache,
-        pipe=pipe,
-        **denoiser_call_overrides,
-    )
+    composite = attach_controlnet(pipe, controlnet)
+    try:
+        _, denoiser = find_denoiser(pipe)
+        return plan_for_denoiser(
+            denoiser,
+            model_n,
+            height,
+            width,
+            batch,
+            dtype,
+            device,
+            granularity,
+            keep_head_tail,
+            cache,
+            pipe=pipe,
+            **denoiser_call_overrides,
+        )
+    finally:
+        if composite is not None:
+            composite.remove()
 
 
 # ------------------------------------------------------------------------------------------------------ the table

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .controlnet import attach_controlnet
 from .denoiser import (
     DenoiserError,
     TimestepArg,
@@ -100,6 +101,10 @@ class AsyncDiff:
             warm-up then runs as a sequential pipeline across ranks. The pipeline keeps only this rank's blocks.
         height, width: the resolution to plan for when no plan is given (default: the pipeline's default).
         graphs: replay each rank's forward as a CUDA graph (default: on CUDA); eager fallback, logged.
+        controlnet: ControlNet pipelines: "blocks" (the ControlNet's blocks are cut into segments with the UNet's
+            and follow the stale rule), "replicated" (every rank runs the whole ControlNet each step; its residuals
+            are fresh inputs), or "auto" (default: "blocks" for one ControlNetModel — measured cheaper, see
+            benchmarks/README.md — "replicated" for several). Ignored for pipelines without a ControlNet.
         compile: torch.compile each rank's whole forward (owned blocks, replays and glue as one region) before
             capturing it; the first call then takes the compile time (DESIGN §5, MEASUREMENTS).
     """
@@ -123,7 +128,25 @@ class AsyncDiff:
         width: int | None = None,
         graphs: bool | None = None,
         compile: bool = False,
+        controlnet: str = "auto",
     ):
+        if getattr(type(pipeline), "_asyncdiff_rt_hooked", False):
+            raise ConfigError("this pipeline already has an AsyncDiff attached: call .remove() on it first")
+        self._controlnet = attach_controlnet(pipeline, controlnet, ConfigError)
+        try:
+            self._setup(
+                pipeline, model_n, stride, warm_up, time_shift, plan, transport, group, stride_eps, timeout_s, debug,
+                drop_weights, height, width, graphs, compile,
+            )  # fmt: skip
+        except BaseException:
+            if self._controlnet is not None:
+                self._controlnet.remove()
+            raise
+
+    def _setup(
+        self, pipeline, model_n, stride, warm_up, time_shift, plan, transport, group, stride_eps, timeout_s, debug,
+        drop_weights, height, width, graphs, compile,
+    ) -> None:  # fmt: skip
         # ---- arguments: every check here runs before any communication or denoiser work (DESIGN §6)
         if plan is not None and not isinstance(plan, Plan):
             plan = Plan.from_spec(plan)
@@ -145,12 +168,10 @@ class AsyncDiff:
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
 
-        if getattr(type(pipeline), "_asyncdiff_rt_hooked", False):
-            raise ConfigError("this pipeline already has an AsyncDiff attached: call .remove() on it first")
         self.pipe = pipeline
         self._height, self._width = height, width
         self.denoiser_attr, self.denoiser = find_denoiser(pipeline)
-        if getattr(self.denoiser, "_asyncdiff_rt_dropped", False):
+        if any(getattr(part, "_asyncdiff_rt_dropped", False) for part in _with_parts(self.denoiser)):
             raise ConfigError(
                 "this denoiser's weights were partly freed by an earlier AsyncDiff (drop_weights=True): "
                 "load the pipeline again, or pass drop_weights=False to keep full weights"
@@ -287,6 +308,8 @@ class AsyncDiff:
         """Take the hooks out: the pipeline is again plain diffusers."""
         self._overrides.remove()
         self._call_hook.remove()
+        if self._controlnet is not None:
+            self._controlnet.remove()
         self.transport.close()
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -302,6 +325,7 @@ class AsyncDiff:
                 height=self._height or height,
                 width=self._width or width,
                 repeats=20 if self.device.type == "cuda" else 3,  # CPU timings are coarse anyway
+                controlnet="replicated",  # install nothing more: a ControlNet listed as blocks is installed already
             )
         except Exception as err:  # noqa: BLE001 - reported on every rank
             log.exception("asyncdiff_rt: planning failed")
@@ -364,7 +388,11 @@ class AsyncDiff:
             for t in list(modules[name].parameters()) + list(modules[name].buffers()):
                 freed += t.numel() * t.element_size()
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-        self.denoiser._asyncdiff_rt_dropped = True
+        for part in [
+            self.denoiser,
+            *(getattr(self.denoiser, p) for p in getattr(self.denoiser, "composite_parts", ())),
+        ]:
+            part._asyncdiff_rt_dropped = True
         return freed
 
     def parameter_bytes(self) -> int:
@@ -696,6 +724,11 @@ class AsyncDiff:
             for peer, blocks in view.recv_from.items()
         }
         self.transport.exchange(k, sends, recvs)
+
+
+def _with_parts(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """The denoiser and, for a composite (ControlNet + UNet), its parts: weights freed there stay freed."""
+    return [denoiser, *(getattr(denoiser, p) for p in getattr(denoiser, "composite_parts", ()))]
 
 
 def _dist_ready() -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .controlnet import attach_controlnet
 from .denoiser import (
     TimestepArg,
     check_scheduler,
@@ -136,14 +137,27 @@ def simulate(
     warm_up: int = 1,
     time_shift: bool = False,
     stride_eps: str = "reuse",
+    controlnet: str = "auto",
     **call_kwargs: Any,
 ) -> Any:
     """Run `pipe(*args, **call_kwargs)` in this process with the asynchronous semantics of DESIGN §3.
 
     `plan` is an explicit partition (list of segments of module names, a saved plan, or a Plan); without one,
-    `asyncdiff_rt.plan_for` picks one for `model_n`. Returns what the pipeline returns. Use it to preview the
-    fidelity of a configuration before launching it on several GPUs, and as the reference in tests.
+    `asyncdiff_rt.plan_for` picks one for `model_n`. `controlnet` as AsyncDiff's. Returns what the pipeline
+    returns. Use it to preview the fidelity of a configuration before launching it on several GPUs, and as the
+    reference in tests.
     """
+    if getattr(type(pipe), "_asyncdiff_rt_hooked", False):
+        raise ValueError("this pipeline has an AsyncDiff attached: call ad.remove() before simulating it")
+    composite = attach_controlnet(pipe, controlnet)
+    try:
+        return _simulate(pipe, args, plan, model_n, stride, warm_up, time_shift, stride_eps, call_kwargs)
+    finally:
+        if composite is not None:
+            composite.remove()
+
+
+def _simulate(pipe, args, plan, model_n, stride, warm_up, time_shift, stride_eps, call_kwargs) -> Any:
     _, denoiser = find_denoiser(pipe)
     check_scheduler(pipe.scheduler)
     if plan is None:
@@ -163,8 +177,6 @@ def simulate(
     if stride_eps not in ("reuse", "fresh"):
         raise ValueError(f"stride_eps must be 'reuse' or 'fresh', got {stride_eps!r}")
 
-    if getattr(type(pipe), "_asyncdiff_rt_hooked", False):
-        raise ValueError("this pipeline has an AsyncDiff attached: call ad.remove() before simulating it")
     steps = call_kwargs.get("num_inference_steps")
     if steps is None:
         import inspect

@@ -373,6 +373,9 @@ def meta_twin(denoiser: nn.Module) -> nn.Module:
     diffusers models are rebuilt from their config under ``torch.device("meta")``; other modules are deep-copied
     with their parameters swapped for meta tensors first, so nothing of size is ever copied.
     """
+    parts = getattr(denoiser, "composite_parts", None)  # ControlNet + UNet: a twin of each part
+    if parts:
+        return type(denoiser)(*(meta_twin(getattr(denoiser, p)) for p in parts)).eval()
     config = getattr(denoiser, "config", None)
     from_config = getattr(type(denoiser), "from_config", None)
     if config is not None and from_config is not None:

@@ -167,6 +167,7 @@ def _rank_main(rank: int, world: int, spec: dict, inputs, components) -> None:
         time_shift=args.time_shift,
         plan=args.plan,
         transport=args.transport,
+        **({"controlnet": args.controlnet_mode} if hasattr(args, "controlnet_mode") else {}),
     )
     try:
         for _ in range(args.warmup_runs):

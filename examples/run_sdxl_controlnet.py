@@ -5,7 +5,9 @@
         --controlnet_conditioning_scale 0.5 --model_n 2 --warm_up 5 --steps 30 --out controlnet.png
     python examples/run_sdxl_controlnet.py --model_n 2 --steps 8 --transport local   # tiny model, edges made in code
 
-The ControlNet runs on every rank (replicated): its residuals are fresh inputs of each rank's UNet segment.
+--controlnet_mode: "auto" (default) lists the ControlNet's blocks in the partition with the UNet's, so no rank runs
+the whole ControlNet each step (measured cheaper at SDXL-1024: benchmarks/README.md); "replicated" runs it on every
+rank, its residuals then fresh inputs of each rank's UNet segment.
 """
 
 import common
@@ -32,6 +34,7 @@ if __name__ == "__main__":
     p.add_argument("--controlnet", default=None, help="ControlNetModel folder or id (with --model)")
     p.add_argument("--control", default=None, help="the control (condition) image, e.g. canny edges")
     p.add_argument("--controlnet_conditioning_scale", type=float, default=None)
+    p.add_argument("--controlnet_mode", default="auto", choices=("auto", "blocks", "replicated"))
     common.main(
         "sdxl_controlnet", "StableDiffusionXLControlNetPipeline", p.parse_args(), inputs=inputs, components=components
     )

@@ -4,12 +4,14 @@ and the worker that runs a list of cases on every rank over gloo.
 A case attaches one AsyncDiff and calls the pipeline once per entry of "calls":
     kind       tiny pipeline kind (asyncdiff_rt.tiny.KINDS)
     plan       explicit plan (list of segments of module names), or a key of PLANS[kind] (default "default")
+    controlnet as AsyncDiff and simulate ("auto": ControlNet blocks listed; "replicated")
     stride, warm_up, time_shift, stride_eps, drop_weights: as AsyncDiff (and simulate)
     steps      num_inference_steps (default 4)
     calls      list of call variants (default [{}]); a variant may set
                    call      overrides of tiny.call_kwargs (prompt=[...], num_images_per_prompt=2, guidance_scale=...)
                    callback  "record" (record (step index, timestep)) or "edit" (also scale the latents at step 1:
-                             the callback changes the run, on every rank alike)
+                             the callback changes the run, on every rank alike); "old": record through the
+                             deprecated callback(i, t, latents) + callback_steps=1 (the x4 upscaler's only kind)
                    steps, warm_up  for this call (warm_up through ad.reset_state(warm_up=...), the reference's API)
     scheduler_before  a diffusers scheduler class name set before AsyncDiff is constructed
     swap_scheduler    one set after AsyncDiff is attached (before the first call)
@@ -77,6 +79,21 @@ _SDXL_INSIDE_ATTN = [
      "up_blocks.1", "up_blocks.2", "conv_out"],
 ]  # fmt: skip
 
+# ControlNet listed as blocks (controlnet="blocks", the default): the ControlNet's encoder in segment 0, its mid
+# block and zero convs in segment 1, so residuals cross segments and follow the stale rule
+_CN = [
+    "controlnet." + b
+    for b in ("conv_in", "controlnet_cond_embedding", "down_blocks.0", "down_blocks.1", "down_blocks.2")
+]
+_CN_TAIL = [
+    "controlnet." + b for b in ("mid_block", *(f"controlnet_down_blocks.{i}" for i in range(9)), "controlnet_mid_block")
+]
+_SDXL_CN_BLOCKS = [
+    _CN + ["unet." + b for b in ("conv_in", "down_blocks.0", "down_blocks.1")],
+    _CN_TAIL + ["unet." + b for b in ("down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2",
+                                      "conv_out")],
+]  # fmt: skip
+
 _SD3 = [["transformer_blocks.0", "transformer_blocks.1"], ["transformer_blocks.2", "transformer_blocks.3", "proj_out"]]
 _SD3_UNEVEN = [
     ["pos_embed", "context_embedder", "transformer_blocks.0"],
@@ -99,7 +116,7 @@ PLANS: dict[str, dict[str, list[list[str]]]] = {
     "sdxl": {"default": _SDXL, "inside_up": _SDXL_INSIDE_UP, "head_tail": _SDXL_HEAD_TAIL,
              "inside_attn": _SDXL_INSIDE_ATTN},
     "sdxl_inpaint": {"default": _SDXL_INSIDE_UP},
-    "sdxl_controlnet": {"default": _SDXL, "head_tail": _SDXL_HEAD_TAIL},
+    "sdxl_controlnet": {"default": _SDXL_CN_BLOCKS, "replicated": _SDXL, "head_tail": _SDXL_HEAD_TAIL},
     "sd_upscale": {"default": _UPSCALE},
     "sd3": {"default": _SD3, "uneven": _SD3_UNEVEN},
     "svd": {"default": _UNET4},
@@ -125,7 +142,7 @@ def case_id(case: dict) -> str:
     parts = [case["kind"], f"s{case.get('stride', 1)}", f"w{case.get('warm_up', 1)}"]
     if isinstance(case.get("plan"), str):
         parts.append(case["plan"])
-    for key in ("time_shift", "stride_eps", "drop_weights", "scheduler_before", "swap_scheduler"):
+    for key in ("time_shift", "stride_eps", "drop_weights", "scheduler_before", "swap_scheduler", "controlnet"):
         if key in case:
             parts.append(f"{key}={case[key]}")
     return "-".join(str(p) for p in parts)
@@ -177,6 +194,20 @@ def call_kwargs(case: dict) -> dict:
     return kwargs
 
 
+def callback_kwargs(mode: str | None, records: list) -> dict:
+    """The call's callback arguments: callback_on_step_end, or the old-style callback(i, t, latents)."""
+    if mode == "old":
+
+        def old_style(i, t, latents):
+            records.append((int(i), float(t)))
+
+        return {"callback": old_style, "callback_steps": 1}
+    callback = make_callback(mode, records)
+    if callback is None:
+        return {}
+    return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
+
+
 def make_callback(mode: str | None, records: list):
     """callback_on_step_end: records (step index, timestep); "edit" also scales the latents at step 1."""
     if not mode:
@@ -195,10 +226,7 @@ def run_call(pipe, case: dict) -> tuple[torch.Tensor, list]:
     """One pipeline call of `case`: its latents (output_type="latent") and the callback's records."""
     kwargs = call_kwargs(case)
     records: list = []
-    callback = make_callback(case.get("callback"), records)
-    if callback is not None:
-        kwargs["callback_on_step_end"] = callback
-        kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+    kwargs.update(callback_kwargs(case.get("callback"), records))
     with torch.no_grad():
         out = pipe(**kwargs)
     return first_output(out).detach().clone(), records
@@ -240,9 +268,7 @@ def simulated(case: dict) -> tuple[torch.Tensor, list]:
     pipe = build(case["kind"])
     kwargs = call_kwargs(case)
     records: list = []
-    callback = make_callback(case.get("callback"), records)
-    if callback is not None:
-        kwargs.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+    kwargs.update(callback_kwargs(case.get("callback"), records))
     with one_thread():
         out = simulate(
             pipe,
@@ -251,6 +277,7 @@ def simulated(case: dict) -> tuple[torch.Tensor, list]:
             warm_up=case.get("warm_up", 1),
             time_shift=case.get("time_shift", False),
             stride_eps=case.get("stride_eps", "reuse"),
+            controlnet=case.get("controlnet", "auto"),
             **kwargs,
         )
     return first_output(out).detach().clone(), records
@@ -296,6 +323,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
                 stride_eps=case.get("stride_eps", "reuse"),
                 timeout_s=case.get("timeout_s", 60),
                 drop_weights=case.get("drop_weights"),
+                controlnet=case.get("controlnet", "auto"),
             )
             if case.get("swap_scheduler"):
                 swap_scheduler(pipe, case["swap_scheduler"])

@@ -52,7 +52,7 @@ VARIANTS_1 = {
         {},  # state resets between calls
     ],
     "sdxl_inpaint": [{"steps": 6, "callback": "record"}],  # strength 0.75: the loop starts at begin_index
-    "sd_upscale": [{"call": {**BATCH2, "image": None}}],  # a batch of low-res images, filled in below
+    "sd_upscale": [{"call": {**BATCH2, "image": None}}, {"callback": "old"}],  # batch of low-res images: below
     "svd": [{"call": {"num_videos_per_prompt": 2, **cfg_off("svd")}}],
     "animatediff": [{"call": {**BATCH2, **cfg_off("animatediff")}}],
 }
@@ -70,7 +70,9 @@ CASES_2 = [dict(kind=k, calls=[{}, EXACT] + VARIANTS_1.get(k, [])) for k in PIPE
     dict(kind="sdxl", plan="inside_up"),
     dict(kind="sdxl", plan="head_tail"),
     dict(kind="sdxl", plan="inside_attn", drop_weights=False),  # every rank keeps all weights
-    dict(kind="sdxl_controlnet", plan="head_tail"),
+    dict(kind="sdxl_controlnet", plan="head_tail", controlnet="replicated"),
+    dict(kind="sdxl_controlnet", plan="replicated", controlnet="replicated", calls=[{"call": {"guess_mode": True}}]),
+    dict(kind="sdxl_controlnet", calls=[{"call": {"guess_mode": True}}, {"call": cfg_off("sdxl_controlnet")}]),
     dict(kind="sd3", plan="uneven"),
     # schedulers that call the denoiser twice per step: refused at construction and at call, on every rank
     dict(kind="sd15", scheduler_before="KDPM2DiscreteScheduler", expect_error=DENOISER_CALLS_2),
@@ -87,6 +89,7 @@ CASES_3 = [
     dict(kind="sdxl", plan="head_tail", stride=2),
     dict(kind="sd3", stride=2, stride_eps="fresh", calls=[{"steps": 5}]),
     dict(kind="svd", stride=2, drop_weights=False),
+    dict(kind="sdxl_controlnet", plan="replicated", controlnet="replicated", stride=2),
 ]
 
 
