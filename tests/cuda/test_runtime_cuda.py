@@ -129,3 +129,20 @@ def test_out_of_order_timestep_on_gpu_is_refused_after_the_loop():
     with pytest.raises(asyncdiff_rt.DenoiserError, match=r"step 2: the denoiser got timestep 7 but .*τ\[2\] is 8"):
         pipe()
     ad.remove()
+
+
+def test_controlnet_blocks_local_graphs_equal_simulator():
+    """ControlNet listed as blocks (the default) on the CUDA-graph path: ControlNet + UNet replayed per view."""
+    from pipeline_cases import PLANS as CASE_PLANS
+
+    plan = CASE_PLANS["sdxl_controlnet"]["default"]
+    pipe = make_pipeline("sdxl_controlnet", device="cuda")
+    kw = call_kwargs("sdxl_controlnet", steps=5, seed=0, device="cuda")
+    kw["output_type"] = "latent"
+    expected = output_of(simulate(pipe, plan=plan, warm_up=2, **kw))
+    ad = AsyncDiff(pipe, plan=plan, warm_up=2, transport="local", graphs=True)
+    first, second = latents(pipe, "sdxl_controlnet", steps=5), latents(pipe, "sdxl_controlnet", steps=5)
+    assert ad._graphs, "no graph was captured"
+    ad.remove()
+    torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
