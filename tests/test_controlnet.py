@@ -113,3 +113,16 @@ def test_blocks_mode_splits_the_controlnet_weights():
     # replicated ranks hold the whole ControlNet on top of their UNet share (the ControlNet is not counted there)
     assert all(r + controlnet > b for r, b in zip(replicated, blocks))
     assert sum(blocks) < sum(replicated) + 2 * controlnet
+
+
+def test_several_controlnets_stay_replicated():
+    """"auto" leaves a MultiControlNetModel replicated; "blocks" refuses it, naming the way out."""
+    from diffusers import MultiControlNetModel
+
+    pipe = make_pipeline(KIND)
+    pipe.controlnet = MultiControlNetModel([pipe.controlnet])
+    with pytest.raises(ConfigError, match="supports one ControlNetModel, not MultiControlNetModel.*'replicated'"):
+        AsyncDiff(pipe, model_n=2, transport="local", controlnet="blocks")
+    ad = AsyncDiff(pipe, model_n=2, transport="local")
+    assert not any(b.startswith(("controlnet.", "unet.")) for b in ad.plan.blocks)
+    ad.remove()
