@@ -116,7 +116,7 @@ def test_blocks_mode_splits_the_controlnet_weights():
 
 
 def test_several_controlnets_stay_replicated():
-    """"auto" leaves a MultiControlNetModel replicated; "blocks" refuses it, naming the way out."""
+    """With several ControlNets, "auto" keeps them replicated and "blocks" refuses, naming the way out."""
     from diffusers import MultiControlNetModel
 
     pipe = make_pipeline(KIND)
