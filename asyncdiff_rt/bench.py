@@ -152,7 +152,7 @@ def _multi_worker(rank: int, world: int, model: str, steps: int, runs: int, cfg:
     result = _time_loop(pipe, kwargs, runs)
     if cfg.get("timeline"):  # one more call, recorded: compute and exposed communication per rank
         ad.record_timeline()
-        pipe(**{**kwargs, "generator": torch.Generator("cpu").manual_seed(0)})
+        pipe(**_seeded(kwargs))
         result["timeline"] = ad.gather_timeline()
     result["plan"] = ad.plan.to_dict()
     result["param_gib_rank"] = ad.parameter_bytes() / 2**30

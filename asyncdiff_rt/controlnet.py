@@ -17,10 +17,13 @@ step. While installed,
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from .denoiser import class_forward
 
 __all__ = ["ControlledUNet", "ControlNetAsBlocks", "attach_controlnet", "CONTROLNET_MODES", "AUTO_MODE"]
 
@@ -43,8 +46,6 @@ class ControlledUNet(nn.Module):
         return self.unet.config
 
     def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, controlnet_inputs: dict, **kwargs: Any):
-        from .denoiser import class_forward
-
         inputs = dict(controlnet_inputs, timestep=timestep, return_dict=False)
         down, mid = class_forward(self.controlnet)(**inputs)
         passed_down = kwargs.pop("down_block_additional_residuals")
@@ -192,3 +193,14 @@ def attach_controlnet(pipe: Any, mode: str, error: type[Exception] = ValueError)
         return ControlNetAsBlocks(pipe)
     except ValueError as err:
         raise error(str(err)) from err
+
+
+@contextmanager
+def controlnet_mode(pipe: Any, mode: str):
+    """``attach_controlnet`` for the length of a ``with`` block (plan_for, simulate)."""
+    composite = attach_controlnet(pipe, mode)
+    try:
+        yield
+    finally:
+        if composite is not None:
+            composite.remove()

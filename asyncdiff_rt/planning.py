@@ -349,11 +349,10 @@ def plan_for(
     ``controlnet`` as AsyncDiff's: with "auto"/"blocks" a ControlNet pipeline's plan lists ControlNet and UNet
     blocks (``controlnet.*``, ``unet.*``).
     """
-    from .controlnet import attach_controlnet
+    from .controlnet import controlnet_mode
     from .denoiser import find_denoiser
 
-    composite = attach_controlnet(pipe, controlnet)
-    try:
+    with controlnet_mode(pipe, controlnet):
         _, denoiser = find_denoiser(pipe)
         return plan_for_denoiser(
             denoiser,
@@ -369,9 +368,6 @@ def plan_for(
             pipe=pipe,
             **denoiser_call_overrides,
         )
-    finally:
-        if composite is not None:
-            composite.remove()
 
 
 # ------------------------------------------------------------------------------------------------------ the table

@@ -317,13 +317,12 @@ class AsyncDiff:
         """("ok", plan JSON) or ("error", why): rank 0 measures and partitions, then tells every rank."""
         from .planning import plan_for
 
-        height, width = _default_resolution(self.pipe, self.denoiser)
         try:
             plan = plan_for(
                 self.pipe,
                 self.model_n,
-                height=self._height or height,
-                width=self._width or width,
+                height=self._height,  # None: the pipeline's default size (planning.default_resolution)
+                width=self._width,
                 repeats=20 if self.device.type == "cuda" else 3,  # CPU timings are coarse anyway
                 controlnet="replicated",  # install nothing more: a ControlNet listed as blocks is installed already
             )
@@ -796,14 +795,6 @@ def _signature(arguments: dict) -> Any:
 
     flat, _ = pytree.tree_flatten_with_path(arguments)
     return tuple((pytree.keystr(path), tuple(x.shape), x.dtype) for path, x in flat if isinstance(x, torch.Tensor))
-
-
-def _default_resolution(pipe: Any, denoiser: torch.nn.Module) -> tuple[int, int]:
-    """The pipeline's default output size: the denoiser's sample size times the VAE's scale factor."""
-    size = getattr(denoiser.config, "sample_size", 64) if hasattr(denoiser, "config") else 64
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    factor = getattr(pipe, "vae_scale_factor", 8)
-    return int(size * factor), int(size * factor)
 
 
 def _digest(t: torch.Tensor) -> str:

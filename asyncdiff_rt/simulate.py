@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .controlnet import attach_controlnet
+from .controlnet import controlnet_mode
 from .denoiser import (
     TimestepArg,
     check_scheduler,
@@ -149,12 +149,8 @@ def simulate(
     """
     if getattr(type(pipe), "_asyncdiff_rt_hooked", False):
         raise ValueError("this pipeline has an AsyncDiff attached: call ad.remove() before simulating it")
-    composite = attach_controlnet(pipe, controlnet)
-    try:
+    with controlnet_mode(pipe, controlnet):
         return _simulate(pipe, args, plan, model_n, stride, warm_up, time_shift, stride_eps, call_kwargs)
-    finally:
-        if composite is not None:
-            composite.remove()
 
 
 def _simulate(pipe, args, plan, model_n, stride, warm_up, time_shift, stride_eps, call_kwargs) -> Any:
