@@ -1,9 +1,10 @@
 """ControlNet listed as blocks (DESIGN §7): the ControlNet and the UNet driven as one denoiser.
 
-By default ("replicated") a ControlNet pipeline runs its ControlNet in full on every rank, and its residuals are
-fresh inputs of the UNet. With ``controlnet="blocks"`` the ControlNet's blocks join the partition: they are cut
-into segments with the UNet's and follow the stale rule like any block, so no rank pays the whole ControlNet
-each step (benchmarks/controlnet_cost.py measures which costs less).
+With ``controlnet="replicated"`` a ControlNet pipeline runs its ControlNet in full on every rank, and its
+residuals are fresh inputs of the UNet. With ``controlnet="blocks"`` (what "auto", the default, picks for one
+ControlNetModel: see AUTO_MODE) the ControlNet's blocks join the partition: they are cut into segments with the
+UNet's and follow the stale rule like any block, so no rank pays the whole ControlNet each step
+(benchmarks/controlnet_cost.py measures which costs less).
 
 How, without forking diffusers: the pipeline still calls ``pipe.controlnet(...)`` and then ``pipe.unet(...)`` each
 step. While installed,

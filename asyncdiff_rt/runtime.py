@@ -387,10 +387,7 @@ class AsyncDiff:
             for t in list(modules[name].parameters()) + list(modules[name].buffers()):
                 freed += t.numel() * t.element_size()
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-        for part in [
-            self.denoiser,
-            *(getattr(self.denoiser, p) for p in getattr(self.denoiser, "composite_parts", ())),
-        ]:
+        for part in _with_parts(self.denoiser):
             part._asyncdiff_rt_dropped = True
         return freed
 
@@ -673,10 +670,9 @@ class AsyncDiff:
         st = self._state
         outs: dict[int, Any] = {}
         fresh: dict[str, tuple[list[Any], Any]] = {}
+        tau = st.tau if isinstance(bound.arguments["timestep"], torch.Tensor) else st.tau_host  # no host sync
         for view in self._views:
-            i = step.t_index[view.rank]
-            on_device = isinstance(bound.arguments["timestep"], torch.Tensor)
-            args, kwargs = TimestepArg.substitute(bound, st.tau[i] if on_device else st.tau_host[i])
+            args, kwargs = TimestepArg.substitute(bound, tau[step.t_index[view.rank]])
             recording = frozenset(view.sends) if view.rank < self.model_n else frozenset()
             lane = "compute" if len(self._views) == 1 else f"view {view.rank}"
             with self.timeline.span("compute", step.k, lane):
