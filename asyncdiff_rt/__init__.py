@@ -8,17 +8,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .denoiser import DenoiserError
-from .plan import Plan, PlanError, Segment, load_plan
-from .runtime import AsyncDiff, ConfigError
-from .schedule import Step, make_schedule
-from .simulate import simulate
+from .compiler.plan import Plan, PlanError, Segment, load_plan
+from .models.denoiser import DenoiserError
+from .simulators.segments import simulate
+from .strategies.segments.asyncdiff import AsyncDiff, ConfigError
+from .strategies.segments.schedule import Step, make_schedule
 from .transport import TransportError
 
 
 def plan_for(*args, **kwargs):
-    """Measure the denoiser's block costs and partition it; see asyncdiff_rt.planning.plan_for."""
-    from .planning import plan_for as _plan_for
+    """Measure the denoiser's block costs and partition it; see asyncdiff_rt.compiler.planning.plan_for."""
+    from .compiler.planning import plan_for as _plan_for
 
     return _plan_for(*args, **kwargs)
 

@@ -4,7 +4,7 @@ blocks (issue 7, DESIGN §7)? Real architectures with random weights, fp16, batc
 Measured: every block of the UNet and of the ControlNet timed alone (CUDA-graph replay, as `plan_for` does), the
 whole ControlNet, UNet and ControlNet+UNet forwards (graph replay), then for n = 2..N the partitioner's plans:
 - replicated: the UNet partitioned; each rank also runs the whole ControlNet every step;
-- blocks: ControlNet and UNet partitioned together (asyncdiff_rt.controlnet.ControlledUNet).
+- blocks: ControlNet and UNet partitioned together (asyncdiff_rt.models.controlnet.ControlledUNet).
 Per-step compute of the slowest rank = its segment + replicated work (the glue, and the whole ControlNet when
 replicated); the bytes that cross segment boundaries per step; the weights each rank holds. JSON + markdown.
 
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from asyncdiff_rt.graphs import CapturedCall  # noqa: E402
+from asyncdiff_rt.runtime.executor import CapturedCall  # noqa: E402
 
 
 def graph_ms(fn, args: tuple, kwargs: dict, repeats: int = 20) -> float:
@@ -52,9 +52,9 @@ def main() -> int:
     import diffusers
     from diffusers import ControlNetModel
 
-    from asyncdiff_rt.archs import build_architecture
-    from asyncdiff_rt.controlnet import ControlledUNet
-    from asyncdiff_rt.planning import DenoiserOnly, example_inputs, plan_for_denoiser
+    from asyncdiff_rt.compiler.planning import DenoiserOnly, example_inputs, plan_for_denoiser
+    from asyncdiff_rt.models.controlnet import ControlledUNet
+    from asyncdiff_rt.tools.archs import build_architecture
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max_n", type=int, default=4)

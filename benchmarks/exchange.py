@@ -111,7 +111,7 @@ def _worker(rank: int, world: int, kind: str, shapes: list, iters: int) -> dict:
 
 
 def main() -> int:
-    from asyncdiff_rt.launch import spawn
+    from asyncdiff_rt.tools.launch import spawn
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="benchmarks/results")

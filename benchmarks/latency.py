@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from asyncdiff_rt.bench import main  # noqa: E402
+from asyncdiff_rt.tools.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from asyncdiff_rt.bench import setup_single  # noqa: E402
+from asyncdiff_rt.tools.bench import setup_single  # noqa: E402
 
 
 def _busy_us(events: list) -> float:

@@ -12,7 +12,7 @@ Each `run_*.py` script names its diffusers pipeline class, the tiny built-in pip
 
 Launch: under torchrun (`torchrun --nproc_per_node=N examples/run_X.py ...`, N = model_n + stride - 1) each
 process is one rank. Run as `python examples/run_X.py ...`, the script starts the N worker processes itself
-(asyncdiff_rt.launch.spawn: gloo on the CPU, NCCL on GPUs), or with `--transport local` runs every segment in
+(asyncdiff_rt.tools.launch.spawn: gloo on the CPU, NCCL on GPUs), or with `--transport local` runs every segment in
 this one process (on a GPU: one device; on the CPU: the quickest way to try a script).
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from asyncdiff_rt.generate import DEFAULT_PROMPT, pick_device, pick_dtype, run_ranks, save_output, synchronize
+from asyncdiff_rt.tools.generate import DEFAULT_PROMPT, pick_device, pick_dtype, run_ranks, save_output, synchronize
 
 __all__ = ["parser", "main", "load_image", "require"]
 

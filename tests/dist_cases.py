@@ -103,8 +103,8 @@ def run_cases(rank: int, world: int, cases: list[dict]):
     import asyncdiff_rt
 
     exact_gpu_math()
-    from asyncdiff_rt.denoiser import find_denoiser
-    from asyncdiff_rt.schedule import roles
+    from asyncdiff_rt.models.denoiser import find_denoiser
+    from asyncdiff_rt.strategies.segments.schedule import roles
 
     results = []
     for case in cases:

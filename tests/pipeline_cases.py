@@ -262,7 +262,7 @@ def one_thread():
 
 
 def simulated(case: dict) -> tuple[torch.Tensor, list]:
-    """`asyncdiff_rt.simulate` of the case, in this process."""
+    """`asyncdiff_rt.simulators.segments` of the case, in this process."""
     from asyncdiff_rt import simulate
 
     pipe = build(case["kind"])

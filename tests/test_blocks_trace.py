@@ -1,4 +1,4 @@
-"""Blocks and tracing (asyncdiff_rt.blocks, asyncdiff_rt.trace) on tiny UNets/DiTs built here and on the real SDXL
+"""Blocks and tracing (compiler.blocks, compiler.trace) on tiny UNets/DiTs built here and on the real SDXL
 and SD2.1 architectures on the meta device."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from asyncdiff_rt.blocks import candidate_blocks, check_no_nesting
-from asyncdiff_rt.plan import Plan
-from asyncdiff_rt.trace import INPUT, OUTPUT, Trace, TraceError, meta_twin, trace_denoiser
+from asyncdiff_rt.compiler.blocks import candidate_blocks, check_no_nesting
+from asyncdiff_rt.compiler.plan import Plan
+from asyncdiff_rt.compiler.trace import INPUT, OUTPUT, Trace, TraceError, meta_twin, trace_denoiser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -333,7 +333,7 @@ def test_video_and_upscaler_denoisers(kind):
     """SVD, AnimateDiff (UNetMotionModel) and the x4 upscaler from the shared tiny pipelines: the structural
     order is the call order, and the meta twin traces the same edges as a real forward."""
     tiny = pytest.importorskip("asyncdiff_rt.tiny")
-    from asyncdiff_rt.planning import default_batch, example_inputs
+    from asyncdiff_rt.compiler.planning import default_batch, example_inputs
 
     pipe = tiny.make_pipeline(kind, seed=0)
     den = tiny.denoiser_of(pipe)

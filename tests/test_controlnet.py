@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from asyncdiff_rt import AsyncDiff, ConfigError, simulate
-from asyncdiff_rt.controlnet import ControlledUNet, ControlNetAsBlocks
-from asyncdiff_rt.denoiser import find_denoiser
-from asyncdiff_rt.launch import spawn
+from asyncdiff_rt.models.controlnet import ControlledUNet, ControlNetAsBlocks
+from asyncdiff_rt.models.denoiser import find_denoiser
 from asyncdiff_rt.tiny import call_kwargs, make_pipeline, output_of
+from asyncdiff_rt.tools.launch import spawn
 
 KIND = "sdxl_controlnet"
 

@@ -6,7 +6,7 @@ from dist_cases import run_cases
 from toy import ToyPipeline
 
 from asyncdiff_rt import simulate
-from asyncdiff_rt.launch import spawn
+from asyncdiff_rt.tools.launch import spawn
 
 CASES_2 = [
     dict(kind="toy", plan=[["A"], ["B", "C"]], steps=6),

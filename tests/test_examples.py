@@ -21,7 +21,7 @@ import PIL.Image
 import pytest
 from pipeline_cases import PLANS
 
-from asyncdiff_rt.launch import free_port
+from asyncdiff_rt.tools.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -163,8 +163,8 @@ def test_example_plans_by_itself(runs):
 
 
 def test_generate_refuses_pipelines_that_need_an_image():
-    from asyncdiff_rt.generate import _call_kwargs
     from asyncdiff_rt.tiny import make_pipeline
+    from asyncdiff_rt.tools.generate import _call_kwargs
 
     pipe = make_pipeline("sdxl_inpaint")
     with pytest.raises(SystemExit, match="example script"):
@@ -179,7 +179,7 @@ def test_example_needs_input_files_with_a_real_model():
 def test_save_output(tmp_path):
     from types import SimpleNamespace
 
-    from asyncdiff_rt.generate import save_output
+    from asyncdiff_rt.tools.generate import save_output
 
     img = PIL.Image.new("RGB", (8, 8), (255, 0, 0))
     assert save_output(SimpleNamespace(images=[img]), str(tmp_path / "a.png")) == [str(tmp_path / "a.png")]

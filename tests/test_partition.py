@@ -1,4 +1,4 @@
-"""Partitioning (asyncdiff_rt.partition) against brute force, costs and their cache, plan_for on tiny models."""
+"""Partitioning (compiler.partition) against brute force, costs and their cache, plan_for on tiny models."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_blocks_trace import TINY, load_plan_table, one_thread  # noqa: F401 (the autouse fixture)
 
-from asyncdiff_rt.blocks import candidate_blocks
-from asyncdiff_rt.cost import measure_block_costs
-from asyncdiff_rt.partition import brute_force, partition, range_costs, segment_bytes
-from asyncdiff_rt.planning import format_plan_table, plan_for_denoiser
-from asyncdiff_rt.trace import INPUT, OUTPUT, BlockRecord, Edge, LeafInfo, Trace, trace_denoiser
+from asyncdiff_rt.compiler.blocks import candidate_blocks
+from asyncdiff_rt.compiler.cost import measure_block_costs
+from asyncdiff_rt.compiler.partition import brute_force, partition, range_costs, segment_bytes
+from asyncdiff_rt.compiler.planning import format_plan_table, plan_for_denoiser
+from asyncdiff_rt.compiler.trace import INPUT, OUTPUT, BlockRecord, Edge, LeafInfo, Trace, trace_denoiser
 
 
 def random_trace(rng: random.Random, n_blocks: int, early_output: bool = False) -> tuple[list[str], Trace]:
@@ -199,7 +199,7 @@ def test_plan_for_tiny_models(kind, tmp_path, monkeypatch):
 
 def test_plan_for_with_pipeline_object(tmp_path, monkeypatch):
     """plan_for finds the denoiser on the pipeline; here a stand-in object with .unet, SDXL-shaped."""
-    from asyncdiff_rt.planning import plan_for
+    from asyncdiff_rt.compiler.planning import plan_for
 
     monkeypatch.setenv("ASYNCDIFF_RT_CACHE", str(tmp_path))
 
@@ -242,8 +242,8 @@ def test_load_pipeline_for_planning(tmp_path):
     """asyncdiff-rt plan --model: built-in real architectures (meta here: no memory) and local folders."""
     import json
 
-    from asyncdiff_rt.denoiser import find_denoiser
-    from asyncdiff_rt.planning import default_resolution, load_pipeline_for_planning
+    from asyncdiff_rt.compiler.planning import default_resolution, load_pipeline_for_planning
+    from asyncdiff_rt.models.denoiser import find_denoiser
 
     for name, cls, size in (("sdxl", "UNet2DConditionModel", 1024), ("sd3", "SD3Transformer2DModel", 1024)):
         pipe = load_pipeline_for_planning(name, device="meta")

@@ -1,5 +1,5 @@
 """Every pipeline class of DESIGN §7 under the runtime over gloo (2 ranks: n=2 stride 1; 3 ranks: n=2 stride 2)
-equals `asyncdiff_rt.simulate` with the same explicit plan, and `warm_up >= steps` equals plain diffusers.
+equals `asyncdiff_rt.simulators.segments` with the same explicit plan, and `warm_up >= steps` equals plain diffusers.
 
 One spawn per world size runs every case of that size (tests/pipeline_cases.py); the parent computes the
 references (simulate, plain diffusers) from the same tiny pipelines (same seed: identical weights) and compares.
@@ -24,8 +24,8 @@ from pipeline_cases import (
 )
 
 import asyncdiff_rt
-from asyncdiff_rt.launch import spawn
 from asyncdiff_rt.tiny import KINDS
+from asyncdiff_rt.tools.launch import spawn
 
 PIPELINE_KINDS = [k for k in KINDS if k != "demo"]  # the 8 classes (sd15 and sd21 share StableDiffusionPipeline)
 ATOL = 1e-5  # fp32, same weights and kernels (one thread each side): equal in practice

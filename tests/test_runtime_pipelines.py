@@ -12,7 +12,7 @@ import torch
 from dist_cases import build, first_output, pipeline_kwargs, run_cases
 
 from asyncdiff_rt import simulate
-from asyncdiff_rt.launch import spawn
+from asyncdiff_rt.tools.launch import spawn
 
 SD_DOWN = ["conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3"]
 SD_UP = ["mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3", "conv_out"]
@@ -235,7 +235,7 @@ def test_bad_input_fails_clearly_on_every_rank(world2, name):
 def test_dead_peer_makes_the_others_raise_within_the_timeout(transport):
     import time
 
-    from asyncdiff_rt.launch import WorkerError
+    from asyncdiff_rt.tools.launch import WorkerError
 
     case = dict(kind="sd15", plan=SD_N2, steps=6, transport=transport, timeout_s=5, kill_rank=1)
     start = time.monotonic()
@@ -252,7 +252,7 @@ def test_dead_peer_makes_the_others_raise_within_the_timeout(transport):
 
 
 def test_timeline_spans_every_step_on_every_rank(world2, tmp_path):
-    from asyncdiff_rt.timeline import draw_timeline
+    from asyncdiff_rt.runtime.timeline import draw_timeline
 
     per_rank = ok(world2["sd15_timeline"])["timeline"]
     assert len(per_rank) == 2

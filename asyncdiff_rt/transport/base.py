@@ -17,11 +17,9 @@ from typing import Any
 
 import torch
 
+from ..errors import TransportError
+
 __all__ = ["Transport", "TransportError"]
-
-
-class TransportError(RuntimeError):
-    """A peer died, stalled past the timeout, or disagreed; the message names the peer and the step."""
 
 
 class Transport(ABC):

@@ -92,7 +92,7 @@ def test_processes_on_one_gpu_over_shm_equal_simulator(world, case):
     """The real multi-process runtime, several processes sharing the one GPU through page-locked shared memory."""
     from dist_cases import exact_gpu_math, run_cases
 
-    from asyncdiff_rt.launch import spawn
+    from asyncdiff_rt.tools.launch import spawn
 
     exact_gpu_math()  # the workers run without TF32; the simulator here must too (cuDNN convs default to TF32)
 

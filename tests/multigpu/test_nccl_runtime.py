@@ -6,8 +6,8 @@ import torch
 from dist_cases import exact_gpu_math, run_cases
 
 from asyncdiff_rt import simulate
-from asyncdiff_rt.launch import WorkerError, spawn
 from asyncdiff_rt.tiny import call_kwargs, make_pipeline, output_of
+from asyncdiff_rt.tools.launch import WorkerError, spawn
 
 pytestmark = pytest.mark.multigpu
 

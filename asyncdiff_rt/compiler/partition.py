@@ -244,7 +244,7 @@ def partition(
     plan.meta.setdefault("order", order)
     plan.meta.update(
         {
-            "made_by": "asyncdiff_rt.partition",
+            "made_by": "asyncdiff_rt.compiler.partition",
             "objective_ms": best.objective_ms,
             "optimum_ms": opt,
             "slack": slack,

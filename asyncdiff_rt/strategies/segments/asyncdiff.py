@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 
-from .controlnet import attach_controlnet
-from .denoiser import (
+from ...compiler.plan import Plan, PlanError
+from ...errors import ConfigError
+from ...models.controlnet import attach_controlnet
+from ...models.denoiser import (
     DenoiserError,
     TimestepArg,
     check_scheduler,
@@ -36,12 +38,11 @@ from .denoiser import (
     replace_first_tensor,
     snapshot,
 )
-from .hooks import CallHook, ForwardOverrides
-from .plan import Plan, PlanError
+from ...runtime.hooks import CallHook, ForwardOverrides
+from ...runtime.timeline import Timeline
+from ...transport import TransportError, ensure_process_group, make_transport
+from ...transport import resolve as resolve_transport
 from .schedule import EXACT, REUSE, Step, make_schedule, roles
-from .timeline import Timeline
-from .transport import TransportError, ensure_process_group, make_transport
-from .transport import resolve as resolve_transport
 
 __all__ = ["AsyncDiff", "ConfigError"]
 
@@ -49,10 +50,6 @@ log = logging.getLogger("asyncdiff_rt")
 
 # options that make the pipeline call the denoiser more than once per step
 MULTI_CALL_OPTIONS = ("skip_guidance_layers",)
-
-
-class ConfigError(ValueError):
-    """A configuration the runtime refuses before doing any work; the message says what to change."""
 
 
 @dataclass
@@ -189,7 +186,7 @@ class AsyncDiff:
         if plan is not None:
             plan.validate(self.denoiser)  # unknown modules, duplicates, module + parent: before any communication
         else:
-            from .blocks import candidate_blocks
+            from ...compiler.blocks import candidate_blocks
 
             n_blocks = len(candidate_blocks(self.denoiser))
             if model_n > n_blocks:
@@ -224,7 +221,7 @@ class AsyncDiff:
         # ---- plan: rank 0 decides and broadcasts; every rank checks hash, dtype and device type
         try:
             if plan is None and model_n == 1:
-                from .blocks import candidate_blocks
+                from ...compiler.blocks import candidate_blocks
 
                 plan = Plan.from_spec([candidate_blocks(self.denoiser)])  # one segment: nothing to balance
             if plan is None:
@@ -315,7 +312,7 @@ class AsyncDiff:
     # ------------------------------------------------------------------------------------------ set-up
     def _plan_on_rank0(self) -> tuple[str, str]:
         """("ok", plan JSON) or ("error", why): rank 0 measures and partitions, then tells every rank."""
-        from .planning import plan_for
+        from ...compiler.planning import plan_for
 
         try:
             plan = plan_for(
@@ -332,7 +329,7 @@ class AsyncDiff:
         return "ok", plan.to_json()
 
     def _agree(self, plan: Plan) -> None:
-        from . import __version__
+        from ... import __version__
 
         mine = {
             "plan": plan.hash(),
@@ -418,7 +415,7 @@ class AsyncDiff:
     def prepare(self, height: int, width: int, batch: int | None = None, **denoiser_call_overrides: Any) -> None:
         """Do the set-up work for a resolution up front (trace, buffers), so the first real call starts fast.
         CUDA graphs are captured on the first call of each shape."""
-        from .planning import example_inputs
+        from ...compiler.planning import example_inputs
 
         param = self.device, self.dtype
         batch = batch or 2
@@ -606,7 +603,7 @@ class AsyncDiff:
         try:
             if not self._use_graphs:
                 return original(*args, **kwargs)
-            from .graphs import CapturedCall, signature_of
+            from ...runtime.executor import CapturedCall, signature_of
 
             key = (view.rank if view is not None else None, recording, signature_of((args, kwargs)))
             graph = self._graphs.get(key)
@@ -744,7 +741,7 @@ def _trace_twin(twin: torch.nn.Module, blocks: list[str], bound: Any) -> tuple[A
     """Data flow and each block's output layout (tree spec + meta leaves) for this call signature."""
     from torch.utils import _pytree as pytree
 
-    from .trace import trace_denoiser
+    from ...compiler.trace import trace_denoiser
 
     specs: dict[str, tuple[Any, list[Any]]] = {}
     modules = dict(twin.named_modules())
@@ -772,7 +769,7 @@ def _clone_first(out: Any) -> Any:
 
 
 def _meta_twin(denoiser: torch.nn.Module) -> torch.nn.Module:
-    from .trace import meta_twin
+    from ...compiler.trace import meta_twin
 
     return meta_twin(denoiser)
 

@@ -87,8 +87,8 @@ def _time_loop(pipe: Any, kwargs: dict, runs: int) -> dict[str, Any]:
 
 def _graph_floor(pipe: Any) -> None:
     """Replace the denoiser's forward by a plain CUDA-graph replay per call signature (no runtime)."""
-    from .denoiser import find_denoiser
-    from .graphs import CapturedCall, signature_of
+    from ..models.denoiser import find_denoiser
+    from ..runtime.executor import CapturedCall, signature_of
 
     _, den = find_denoiser(pipe)
     original, graphs = den.forward, {}
@@ -129,7 +129,7 @@ def parse_multi(variant: str) -> dict[str, Any] | None:
 
 def _multi_worker(rank: int, world: int, model: str, steps: int, runs: int, cfg: dict) -> dict:
     import asyncdiff_rt
-    from asyncdiff_rt.archs import build_pipeline, prompt_kwargs
+    from asyncdiff_rt.tools.archs import build_pipeline, prompt_kwargs
 
     device = 0 if cfg["one_gpu"] else rank
     torch.cuda.set_device(device)
@@ -166,7 +166,7 @@ def _multi_worker(rank: int, world: int, model: str, steps: int, runs: int, cfg:
 def setup_single(model: str, variant: str, steps: int) -> tuple[Any, dict]:
     """The pipeline of a one-process variant, prepared as the variant says, and its call's keyword arguments."""
     import asyncdiff_rt
-    from asyncdiff_rt.archs import build_pipeline, prompt_kwargs
+    from asyncdiff_rt.tools.archs import build_pipeline, prompt_kwargs
 
     if variant not in VARIANTS or parse_multi(variant) is not None:
         raise ValueError(f"{variant!r} is not a one-process variant ({', '.join(VARIANTS[:6])})")
@@ -193,7 +193,7 @@ def setup_single(model: str, variant: str, steps: int) -> tuple[Any, dict]:
 
 
 def run_variant(model: str, variant: str, steps: int, runs: int) -> dict[str, Any]:
-    from asyncdiff_rt.launch import spawn
+    from asyncdiff_rt.tools.launch import spawn
 
     multi = parse_multi(variant)
     if multi is not None:
@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(stem + ".json", "w") as f:
             json.dump(data, f, indent=2)
     if args.timeline:
+        from ..runtime.timeline import draw_timeline
         from .launch import spawn
-        from .timeline import draw_timeline
 
         cfg = parse_multi(args.timeline_variant)
         if cfg is None:

@@ -33,7 +33,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .planning import format_plan_table, load_pipeline_for_planning, plan_for
+    from ..compiler.planning import format_plan_table, load_pipeline_for_planning, plan_for
 
     pipe = load_pipeline_for_planning(args.model, dtype=args.dtype, device=args.device)
     plan = plan_for(pipe, args.model_n, height=args.height, width=args.width, granularity=args.granularity)

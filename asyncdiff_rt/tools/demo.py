@@ -30,7 +30,7 @@ class DemoConfig:
 
 
 def _call_kwargs(cfg: DemoConfig) -> dict[str, Any]:
-    from .tiny import call_kwargs
+    from ..tiny import call_kwargs
 
     kwargs = call_kwargs("demo", steps=cfg.steps, seed=cfg.seed)
     kwargs.update(prompt=cfg.prompt, output_type="latent")
@@ -82,11 +82,11 @@ def _save_png(pipe: Any, latents: torch.Tensor, path: str) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from . import simulate
+    from ..compiler.plan import Plan
+    from ..simulators.segments import simulate
+    from ..tiny import make_pipeline
     from .fidelity import compare, format_fidelity
     from .launch import spawn
-    from .plan import Plan
-    from .tiny import make_pipeline
 
     world = cfg.model_n + cfg.stride - 1
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -110,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     os.makedirs(cfg.out, exist_ok=True)
     _save_png(pipe, exact, os.path.join(cfg.out, "sequential.png"))
     _save_png(pipe, result["latents"], os.path.join(cfg.out, "asynchronous.png"))
-    from .planning import format_plan_table
+    from ..compiler.planning import format_plan_table
 
     print(format_plan_table(plan))
     threads, per_worker = torch.get_num_threads(), max(1, (os.cpu_count() or 1) // world)
@@ -125,7 +125,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"agreement with simulate: max |diff| {vs_sim['max_abs']:.3g} (the runtime computes the definition)")
     print(f"images: {os.path.join(cfg.out, 'sequential.png')}, {os.path.join(cfg.out, 'asynchronous.png')}")
     try:
-        from .timeline import draw_timeline
+        from ..runtime.timeline import draw_timeline
 
         path = os.path.join(cfg.out, "timeline.png")
         draw_timeline(

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ..errors import DenoiserError
+
 __all__ = [
     "DenoiserError",
     "find_denoiser",
@@ -25,10 +27,6 @@ __all__ = [
 ]
 
 DENOISER_ATTRS = ("unet", "transformer")
-
-
-class DenoiserError(ValueError):
-    """A pipeline, denoiser, scheduler or option the runtime cannot drive."""
 
 
 def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:

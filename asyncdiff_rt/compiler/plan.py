@@ -15,11 +15,9 @@ from typing import Any
 
 import torch
 
+from ..errors import PlanError
+
 __all__ = ["Plan", "Segment", "PlanError", "load_plan"]
-
-
-class PlanError(ValueError):
-    """An explicit plan that cannot be used (unknown module, duplicate, a module and its parent, ...)."""
 
 
 @dataclass

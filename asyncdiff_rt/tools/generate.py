@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=3 -m asyncdiff_rt generate --model PATH --model_n 3 --warm_up 3 --out out.png
 
 One process per rank (torchrun). Not under torchrun, it starts the `model_n + stride - 1` worker processes itself
-(`asyncdiff_rt.launch.spawn`), or with `--transport local` runs every segment in this one process. Each rank
+(`asyncdiff_rt.tools.launch.spawn`), or with `--transport local` runs every segment in this one process. Each rank
 loads `DiffusionPipeline.from_pretrained(model, torch_dtype=...)` onto cuda:LOCAL_RANK (the CPU without CUDA),
 attaches `AsyncDiff`, and calls the pipeline; rank 0 saves the image (PNG) or the video (GIF, or one PNG per
 frame) and prints the latency. Text-to-image and text-to-video pipelines only: pipelines that need an input
@@ -214,7 +214,7 @@ def _generate_rank(rank: int, world: int, opts: dict) -> dict[str, Any] | None:
 
 
 def generate(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The body of `asyncdiff-rt generate` (arguments: see asyncdiff_rt.cli). Returns rank 0's
+    """The body of `asyncdiff-rt generate` (arguments: see asyncdiff_rt.tools.cli). Returns rank 0's
     {"seconds", "paths"} (None on other ranks)."""
     opts = dict(vars(args))
     opts.pop("func", None)

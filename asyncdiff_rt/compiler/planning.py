@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .archs import ARCHITECTURES, SD3_MEDIUM, SD15, SD21, SDXL, build_architecture  # noqa: F401 - re-exported
+from ..tools.archs import ARCHITECTURES, SD3_MEDIUM, SD15, SD21, SDXL, build_architecture  # noqa: F401 - re-exported
 from .blocks import candidate_blocks
 from .cost import arch_hash, device_name, measure_block_costs
 from .partition import partition
@@ -65,7 +65,7 @@ def load_pipeline_for_planning(
     if model in ARCHITECTURES:
         return DenoiserOnly(build_architecture(model, device, dtype), 8, model)
     if model.startswith("tiny:"):
-        from .tiny import make_pipeline
+        from ..tiny import make_pipeline
 
         return make_pipeline(model.split(":", 1)[1], seed=0).to(device=device, dtype=dtype)
     import diffusers
@@ -349,8 +349,8 @@ def plan_for(
     ``controlnet`` as AsyncDiff's: with "auto"/"blocks" a ControlNet pipeline's plan lists ControlNet and UNet
     blocks (``controlnet.*``, ``unet.*``).
     """
-    from .controlnet import controlnet_mode
-    from .denoiser import find_denoiser
+    from ..models.controlnet import controlnet_mode
+    from ..models.denoiser import find_denoiser
 
     with controlnet_mode(pipe, controlnet):
         _, denoiser = find_denoiser(pipe)

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..errors import TraceError
 from .blocks import check_no_nesting
 
 __all__ = ["Trace", "Edge", "BlockRecord", "LeafInfo", "TraceError", "trace_denoiser", "meta_twin", "INPUT", "OUTPUT"]
@@ -43,10 +44,6 @@ __all__ = ["Trace", "Edge", "BlockRecord", "LeafInfo", "TraceError", "trace_deno
 INPUT = "<input>"
 OUTPUT = "<output>"
 INTERNAL = -1  # leaf index of a tensor a block created but did not return (read later only if the block leaks it)
-
-
-class TraceError(RuntimeError):
-    """The denoiser could not be traced (DESIGN §6: a clear error before any GPU work)."""
 
 
 @dataclass

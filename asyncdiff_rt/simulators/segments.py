@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from .controlnet import controlnet_mode
-from .denoiser import (
+from ..compiler.plan import Plan
+from ..models.controlnet import controlnet_mode
+from ..models.denoiser import (
     TimestepArg,
     check_scheduler,
     class_forward,
@@ -26,7 +27,6 @@ from .denoiser import (
     replace_first_tensor,
     snapshot,
 )
-from .plan import Plan
 
 __all__ = ["simulate"]
 
@@ -159,7 +159,7 @@ def _simulate(pipe, args, plan, model_n, stride, warm_up, time_shift, stride_eps
     if plan is None:
         if model_n is None:
             raise ValueError("simulate needs plan= or model_n=")
-        from .planning import plan_for
+        from ..compiler.planning import plan_for
 
         plan = plan_for(pipe, model_n)
     plan = Plan.from_spec(plan)
