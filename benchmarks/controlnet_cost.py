@@ -52,9 +52,11 @@ def main() -> int:
     import diffusers
     from diffusers import ControlNetModel
 
-    from asyncdiff_rt.compiler.planning import DenoiserOnly, example_inputs, plan_for_denoiser
+    from asyncdiff_rt.compiler.planning import plan_for_denoiser
+    from asyncdiff_rt.models import example_inputs
     from asyncdiff_rt.models.controlnet import ControlledUNet
     from asyncdiff_rt.tools.archs import build_architecture
+    from asyncdiff_rt.tools.loading import DenoiserOnly
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max_n", type=int, default=4)

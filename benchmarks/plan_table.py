@@ -2,7 +2,7 @@
 partition for n = 2..8 and its split quality (sum / max of segment costs), at the fine granularity (inside the
 Transformer2DModels) and, for comparison, the coarse one (resnets/attentions/samplers, whole mid block).
 
-The architectures are built from their real configs (copied into asyncdiff_rt.compiler.planning) with random weights —
+The architectures are built from their real configs (in asyncdiff_rt.tools.archs) with random weights —
 speed does not depend on the weights (DESIGN §8). Tracing runs on a meta twin (no compute); costs are CUDA-graph
 replays on CUDA.
 
@@ -29,9 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asyncdiff_rt.compiler.blocks import candidate_blocks  # noqa: E402
 from asyncdiff_rt.compiler.cost import device_name, measure_block_costs  # noqa: E402
 from asyncdiff_rt.compiler.partition import partition  # noqa: E402
-from asyncdiff_rt.compiler.planning import SD15, SD21, SDXL, example_inputs, format_plan_table, trace_for_plan  # noqa: E402
+from asyncdiff_rt.compiler.plan_table import format_plan_table  # noqa: E402
+from asyncdiff_rt.compiler.planning import trace_for_plan  # noqa: E402
+from asyncdiff_rt.models import example_inputs  # noqa: E402
+from asyncdiff_rt.tools.archs import SD15, SD21, SDXL  # noqa: E402
 
-MODELS = {"sd15": (SD15, 512), "sd21": (SD21, 768), "sdxl": (SDXL, 1024)}  # configs: asyncdiff_rt.compiler.planning
+MODELS = {"sd15": (SD15, 512), "sd21": (SD21, 768), "sdxl": (SDXL, 1024)}  # configs: asyncdiff_rt.tools.archs
 
 
 def tiny_config(config: dict) -> dict:

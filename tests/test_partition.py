@@ -12,7 +12,8 @@ from test_blocks_trace import TINY, load_plan_table, one_thread  # noqa: F401 (t
 from asyncdiff_rt.compiler.blocks import candidate_blocks
 from asyncdiff_rt.compiler.cost import measure_block_costs
 from asyncdiff_rt.compiler.partition import brute_force, partition, range_costs, segment_bytes
-from asyncdiff_rt.compiler.planning import format_plan_table, plan_for_denoiser
+from asyncdiff_rt.compiler.plan_table import format_plan_table
+from asyncdiff_rt.compiler.planning import plan_for_denoiser
 from asyncdiff_rt.compiler.trace import INPUT, OUTPUT, BlockRecord, Edge, LeafInfo, Trace, trace_denoiser
 
 
@@ -242,8 +243,9 @@ def test_load_pipeline_for_planning(tmp_path):
     """asyncdiff-rt plan --model: built-in real architectures (meta here: no memory) and local folders."""
     import json
 
-    from asyncdiff_rt.compiler.planning import default_resolution, load_pipeline_for_planning
+    from asyncdiff_rt.models import default_resolution
     from asyncdiff_rt.models.denoiser import find_denoiser
+    from asyncdiff_rt.tools.loading import load_pipeline_for_planning
 
     for name, cls, size in (("sdxl", "UNet2DConditionModel", 1024), ("sd3", "SD3Transformer2DModel", 1024)):
         pipe = load_pipeline_for_planning(name, device="meta")

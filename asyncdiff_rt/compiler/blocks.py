@@ -28,36 +28,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..models.base import REPLICATED_TOP_LEVEL
+
 __all__ = ["candidate_blocks", "check_no_nesting", "REPLICATED_TOP_LEVEL"]
 
-# Top-level children of UNets/DiTs that stay replicated: cheap embeddings and output norms (DESIGN §3).
-REPLICATED_TOP_LEVEL = frozenset(
-    {
-        "time_proj",
-        "time_embedding",
-        "time_embed_act",
-        "class_embedding",
-        "add_time_proj",
-        "add_embedding",
-        "encoder_hid_proj",
-        "position_net",
-        "conv_norm_out",
-        "conv_act",
-        # DiTs
-        "pos_embed",
-        "time_text_embed",
-        "context_embedder",
-        "norm_out",
-        "proj_out",
-        "x_embedder",
-        "t_embedder",
-        "time_embed",
-        "patch_embed",
-        "rope",
-        "pos_embedder",
-        "image_proj",
-    }
-)
 
 # Order of the parts of a UNet stage block at one index i (diffusers calls resnet, then its attention, then the
 # temporal/motion modules; UNet3D calls temp_convs right after the resnet).

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .denoiser import class_forward
+from .base import class_forward
 
 __all__ = ["ControlledUNet", "ControlNetAsBlocks", "attach_controlnet", "CONTROLNET_MODES", "AUTO_MODE"]
 
@@ -55,8 +55,23 @@ class ControlledUNet(nn.Module):
         kwargs["mid_block_additional_residual"] = _fit(passed_mid, mid)
         return class_forward(self.unet)(sample, timestep, *args, **kwargs)
 
-    def example_inputs_from(self, args: tuple, kwargs: dict, height: int, width: int) -> tuple[tuple, dict]:
-        """The composite's call for planning, from the UNet's example call (planning.example_inputs)."""
+    def adapter(self) -> Any:
+        """The composite's adapter: the UNet's, whose example call gains the ControlNet's inputs."""
+        from .unet import UNetAdapter
+
+        composite = self
+
+        class ControlledUNetAdapter(UNetAdapter):
+            def example_call(self, height, width, batch, dtype, device, pipe=None, **overrides):
+                args, kwargs = UNetAdapter(composite.unet).example_call(
+                    height, width, batch, dtype, device, pipe, **overrides
+                )
+                return composite.example_call_from(args, kwargs, height, width)
+
+        return ControlledUNetAdapter(self, family="controlnet+unet")
+
+    def example_call_from(self, args: tuple, kwargs: dict, height: int, width: int) -> tuple[tuple, dict]:
+        """The composite's call for planning, from the UNet's example call."""
         sample, timestep = args
         batch = sample.shape[0]
         like = dict(dtype=sample.dtype, device=sample.device)

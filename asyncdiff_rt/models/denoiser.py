@@ -11,6 +11,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import DenoiserError
+from .base import class_forward
 
 __all__ = [
     "DenoiserError",
@@ -48,11 +49,6 @@ def find_denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
         f"{type(pipe).__name__} has no denoiser asyncdiff_rt can drive: expected a torch module at pipe.unet or "
         "pipe.transformer (diffusers UNet or DiT pipelines)"
     )
-
-
-def class_forward(module: torch.nn.Module) -> Any:
-    """The module's own forward, bound, even while an instance override (ours, or a diffusers hook) is in place."""
-    return type(module).forward.__get__(module)
 
 
 def check_scheduler(scheduler: Any) -> None:

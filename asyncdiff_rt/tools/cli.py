@@ -33,7 +33,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from ..compiler.planning import format_plan_table, load_pipeline_for_planning, plan_for
+    from ..compiler.plan_table import format_plan_table
+    from ..compiler.planning import plan_for
+    from .loading import load_pipeline_for_planning
 
     pipe = load_pipeline_for_planning(args.model, dtype=args.dtype, device=args.device)
     plan = plan_for(pipe, args.model_n, height=args.height, width=args.width, granularity=args.granularity)

@@ -110,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     os.makedirs(cfg.out, exist_ok=True)
     _save_png(pipe, exact, os.path.join(cfg.out, "sequential.png"))
     _save_png(pipe, result["latents"], os.path.join(cfg.out, "asynchronous.png"))
-    from ..compiler.planning import format_plan_table
+    from ..compiler.plan_table import format_plan_table
 
     print(format_plan_table(plan))
     threads, per_worker = torch.get_num_threads(), max(1, (os.cpu_count() or 1) // world)

@@ -415,7 +415,7 @@ class AsyncDiff:
     def prepare(self, height: int, width: int, batch: int | None = None, **denoiser_call_overrides: Any) -> None:
         """Do the set-up work for a resolution up front (trace, buffers), so the first real call starts fast.
         CUDA graphs are captured on the first call of each shape."""
-        from ...compiler.planning import example_inputs
+        from ...models import example_inputs
 
         param = self.device, self.dtype
         batch = batch or 2

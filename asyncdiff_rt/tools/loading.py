@@ -1,0 +1,66 @@
+"""What `asyncdiff-rt plan --model` and the benchmarks name: a built-in architecture with random weights, a tiny
+pipeline, a local diffusers folder (only its denoiser is loaded) or a model id."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .archs import ARCHITECTURES, build_architecture
+
+__all__ = ["DenoiserOnly", "load_pipeline_for_planning"]
+
+
+class DenoiserOnly:
+    """A stand-in pipeline holding just a denoiser (``.unet`` or ``.transformer``) and the VAE scale factor: what
+    ``plan_for`` needs, without text encoders or a VAE in memory."""
+
+    def __init__(self, denoiser: nn.Module, vae_scale_factor: int = 8, name: str = ""):
+        attr = "transformer" if "Transformer" in type(denoiser).__name__ else "unet"
+        setattr(self, attr, denoiser)
+        self.vae_scale_factor = vae_scale_factor
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"DenoiserOnly({self.name or type(getattr(self, 'unet', None) or self.transformer).__name__})"
+
+
+def load_pipeline_for_planning(
+    model: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+) -> Any:
+    """What ``asyncdiff-rt plan --model`` names: a built-in architecture (sd15, sd21, sdxl, sd3; random weights),
+    a tiny pipeline (``tiny:<kind>``), a local diffusers folder (only its denoiser is loaded) or a model id."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if model in ARCHITECTURES:
+        return DenoiserOnly(build_architecture(model, device, dtype), 8, model)
+    if model.startswith("tiny:"):
+        from ..tiny import make_pipeline
+
+        return make_pipeline(model.split(":", 1)[1], seed=0).to(device=device, dtype=dtype)
+    import diffusers
+
+    index = os.path.join(model, "model_index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            components = json.load(f)
+        for attr in ("unet", "transformer"):
+            entry = components.get(attr)
+            if isinstance(entry, list) and len(entry) == 2 and entry[1]:
+                cls = getattr(diffusers, entry[1])
+                denoiser = cls.from_pretrained(model, subfolder=attr, torch_dtype=dtype).to(device).eval()
+                factor = 8
+                vae_config = os.path.join(model, "vae", "config.json")
+                if os.path.isfile(vae_config):
+                    with open(vae_config) as f:
+                        factor = 2 ** (len(json.load(f).get("block_out_channels", [0] * 4)) - 1)
+                return DenoiserOnly(denoiser, factor, os.path.basename(os.path.normpath(model)))
+        raise ValueError(f"{model} has no unet or transformer in its model_index.json")
+    return diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
