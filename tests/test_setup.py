@@ -31,9 +31,9 @@ def test_new_resolution_keeps_the_plan_and_retraces():
     ad = AsyncDiff(pipe, plan=PLAN, warm_up=1, transport="local")
     first_hash = ad.plan.hash()
     small = run(pipe, 64)
-    trace_small = ad._trace
+    trace_small = ad.stepper.trace
     large = run(pipe, 128)
-    assert ad._trace is not trace_small  # traced again for the new shapes
+    assert ad.stepper.trace is not trace_small  # traced again for the new shapes
     assert ad.plan.hash() == first_hash
     again = run(pipe, 64)
     ad.remove()
@@ -45,11 +45,12 @@ def test_new_resolution_keeps_the_plan_and_retraces():
 def test_prepare_traces_up_front():
     pipe = make_pipeline("sdxl")
     ad = AsyncDiff(pipe, plan=PLAN, warm_up=1, transport="local")
-    ad.prepare(height=64, width=64, batch=2)
-    assert ad._trace is not None and ad._store, "prepare did not trace or allocate"
-    prepared = ad._trace
+    kw = call_kwargs("sdxl", steps=4, seed=0, size=64)
+    ad.prepare(height=64, width=64, prompt=kw["prompt"], negative_prompt=kw.get("negative_prompt"))
+    assert ad.stepper.trace is not None and ad.stepper.store, "prepare did not trace or allocate"
+    prepared = ad.stepper.trace
     out = run(pipe, 64)
-    assert ad._trace is prepared  # the first real call reused the prepared shapes
+    assert ad.stepper.trace is prepared  # the first real call reused the prepared shapes
     ad.remove()
     torch.testing.assert_close(out, simulated(64), rtol=1e-5, atol=1e-5)
 

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from ..models import adapter_for
 from .blocks import candidate_blocks
 from .cost import arch_hash, device_name, measure_block_costs
+from .layouts import to_meta
 from .partition import partition
 from .plan import Plan
 from .trace import Trace, meta_twin, trace_denoiser
@@ -36,10 +37,6 @@ def _input_shapes(args: tuple, kwargs: dict) -> dict[str, Any]:
     return out
 
 
-def _to_meta(tree: Any) -> Any:
-    return pytree.tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, tree)
-
-
 def trace_for_plan(
     denoiser: nn.Module, args: tuple, kwargs: dict, blocks: list[str], trace_on: str = "meta"
 ) -> tuple[Trace, str]:
@@ -49,7 +46,7 @@ def trace_for_plan(
     if trace_on == "meta":
         try:
             twin = meta_twin(denoiser)
-            margs, mkwargs = _to_meta((args, kwargs))
+            margs, mkwargs = to_meta((args, kwargs))
             return trace_denoiser(twin, margs, mkwargs, blocks), "meta"
         except Exception as exc:  # an op without a meta kernel, a twin that cannot be built: trace for real
             trace = trace_denoiser(denoiser, args, kwargs, blocks)

@@ -3,7 +3,7 @@
 A `ModelAdapter` says how the pipeline calls the denoiser (its signature), which axis of each argument is the
 batch (what CFG parallelism splits, DESIGN §9), which axes of the sample are the image rows and columns (what patch
 parallelism splits, §10), which top-level modules stay replicated, how the pipeline turns the scheduler's timestep
-τ into the value it passes (`tau_scale`: 1 for the SD family, 1/1000 for FLUX), and how to build an example call
+τ into the value it passes (`timestep_divisor`: 1 for the SD family, 1000 for FLUX), and how to build an example call
 at a resolution (for tracing and costing). One adapter per family lives beside this file; `adapter_for` picks it.
 """
 
@@ -78,7 +78,7 @@ class ModelAdapter:
     sample_arg: str = "sample"  # the first argument: the latents the denoiser refines
     batch_axis: int = 0  # of every batch-carrying argument (video UNets fold frames into axis 0 batch-major)
     spatial_axes: tuple[int, int] = (2, 3)  # (rows, columns) of the sample
-    tau_scale: float = 1.0  # the pipeline passes tau_scale * τ[k] as the timestep
+    timestep_divisor: float = 1.0  # the pipeline passes τ[k] / timestep_divisor (FLUX: 1000)
     replicated: frozenset[str] = field(default_factory=frozenset)  # top-level modules never listed as blocks
     guidance_in_batch: bool = True  # CFG doubles the batch (False: guidance-distilled, e.g. FLUX.1-dev)
 
@@ -92,6 +92,14 @@ class ModelAdapter:
     @property
     def config(self) -> dict[str, Any]:
         return config_of(self.denoiser)
+
+    def timestep_as_passed(self, tau: torch.Tensor | float, like: Any) -> Any:
+        """τ[k] as the pipeline would pass it, in the shape and dtype of the timestep it passed (`like`): cast
+        first, then divided, as the pipelines do. A tensor `tau` on `like`'s device costs no host sync."""
+        if isinstance(like, torch.Tensor):
+            t = torch.as_tensor(tau).to(device=like.device, dtype=like.dtype).expand(like.shape)
+            return t / self.timestep_divisor if self.timestep_divisor != 1 else t
+        return type(like)(float(tau) / self.timestep_divisor)
 
     def default_batch(self, pipe: Any = None) -> int:
         """Denoiser rows per image with the pipeline's default guidance: 2 with CFG in the batch, else 1."""

@@ -8,7 +8,6 @@ import inspect
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 
 from ..errors import DenoiserError
 from .base import class_forward
@@ -23,8 +22,6 @@ __all__ = [
     "effective_warm_up",
     "first_tensor",
     "replace_first_tensor",
-    "snapshot",
-    "fresh_copy",
 ]
 
 DENOISER_ATTRS = ("unet", "transformer")
@@ -90,14 +87,10 @@ class TimestepArg:
 
     @staticmethod
     def substitute(bound: inspect.BoundArguments, new_value: torch.Tensor | float) -> tuple[tuple, dict]:
-        """A tensor `new_value` already on the timestep's device costs no host synchronisation."""
-        t = bound.arguments["timestep"]
-        if isinstance(t, torch.Tensor):
-            new = torch.as_tensor(new_value).to(device=t.device, dtype=t.dtype).expand(t.shape)
-        else:
-            new = type(t)(float(new_value))
+        """The call with its timestep replaced by `new_value` (already as the pipeline passes it: see the model
+        adapter's `timestep_as_passed`)."""
         args = dict(bound.arguments)
-        args["timestep"] = new
+        args["timestep"] = new_value
         rebound = inspect.BoundArguments(bound.signature, args)  # type: ignore[arg-type]
         return rebound.args, rebound.kwargs
 
@@ -129,14 +122,3 @@ def replace_first_tensor(output: Any, eps: torch.Tensor) -> Any:
     key = next(iter(output.keys()))
     setattr(output, key, eps)  # BaseOutput keeps attribute and item in step
     return output
-
-
-def snapshot(output: Any) -> tuple[list[Any], Any]:
-    """Leaves of a block's output, detached copies: glue may write in place after the block returns."""
-    leaves, spec = pytree.tree_flatten(output)
-    return [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec
-
-
-def fresh_copy(leaves: list[Any], spec: Any) -> Any:
-    """A replayed output is handed out as fresh tensors, so in-place glue cannot corrupt the stored value."""
-    return pytree.tree_unflatten([x.clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec)

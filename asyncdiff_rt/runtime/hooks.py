@@ -38,9 +38,15 @@ class ForwardOverrides:
 class CallHook:
     """Runs `before(kwargs) -> kwargs` and `after(ok)` around every call of the pipeline object."""
 
-    def __init__(self, pipe: Any, before: Callable[[dict], dict], after: Callable[[bool], None]):
+    def __init__(
+        self,
+        pipe: Any,
+        before: Callable[[dict], dict],
+        after: Callable[[bool], None],
+        flag: str = "_asyncdiff_rt_hooked",
+    ):
         base = type(pipe)
-        if getattr(base, "_asyncdiff_rt_hooked", False):
+        if getattr(base, flag, False):
             raise RuntimeError(
                 "this pipeline already has an AsyncDiff attached: call .remove() on it before attaching another"
             )
@@ -60,7 +66,7 @@ class CallHook:
         self.cls = type(
             base.__name__,
             (base,),
-            {"__call__": __call__, "_asyncdiff_rt_hooked": True, "__module__": base.__module__},
+            {"__call__": __call__, flag: True, "__module__": base.__module__},
         )
         self.cls.__qualname__ = base.__qualname__
         pipe.__class__ = self.cls

@@ -8,27 +8,70 @@ edge the tracer misses, or a schedule the runtime gets wrong, cannot pass both s
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..compiler.plan import Plan
 from ..models.controlnet import controlnet_mode
-from ..models.denoiser import (
-    TimestepArg,
-    check_scheduler,
-    class_forward,
-    effective_warm_up,
-    find_denoiser,
-    first_tensor,
-    fresh_copy,
-    loop_timesteps,
-    replace_first_tensor,
-    snapshot,
-)
+from ..models.denoiser import check_scheduler, find_denoiser
 
 __all__ = ["simulate"]
+
+
+# ---- this definition's own small helpers: nothing below is shared with the runtime, so a bug in the runtime's
+# τ substitution, timestep bookkeeping or output handling cannot pass both sides of a comparison.
+def _copy(output: Any) -> tuple[list[Any], Any]:
+    leaves, spec = pytree.tree_flatten(output)
+    return [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec
+
+
+def _replay(stored: tuple[list[Any], Any]) -> Any:
+    leaves, spec = stored
+    return pytree.tree_unflatten([x.clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+
+
+def _eps(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _with_eps(output: Any, eps: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return eps
+    if isinstance(output, (tuple, list)):
+        return type(output)([eps, *output[1:]])
+    output[next(iter(output.keys()))] = eps
+    return output
+
+
+class _Timestep:
+    """Where the timestep is in a call, and τ put there as the pipeline put τ[0]: the pipeline's own scale (τ/1000
+    for FLUX), measured here from the first call, with the dtype and shape it passed."""
+
+    def __init__(self, forward: Any):
+        self.signature = inspect.signature(forward)
+        self.scale: float | None = None
+
+    def measure(self, args: tuple, kwargs: dict, tau0: float) -> None:
+        """At the loop's first call, which passes τ[0]."""
+        passed = self.signature.bind(*args, **kwargs).arguments["timestep"]
+        first = float(passed.reshape(-1)[0]) if isinstance(passed, torch.Tensor) else float(passed)
+        self.scale = first / tau0 if tau0 else 1.0
+
+    def call_with(self, args: tuple, kwargs: dict, tau: torch.Tensor) -> tuple[tuple, dict]:
+        bound = self.signature.bind(*args, **kwargs)
+        passed = bound.arguments["timestep"]
+        if isinstance(passed, torch.Tensor):
+            value = (tau.to(torch.float64) * self.scale).to(device=passed.device, dtype=passed.dtype)
+            new = value.expand(passed.shape)
+        else:
+            new = type(passed)(float(tau) * self.scale)
+        arguments = dict(bound.arguments, timestep=new)
+        rebound = inspect.BoundArguments(bound.signature, arguments)  # type: ignore[arg-type]
+        return rebound.args, rebound.kwargs
 
 
 class _Simulation:
@@ -62,20 +105,22 @@ class _Simulation:
             if self.computing is None or name in self.computing:
                 out = original(*args, **kwargs)
                 if self.record:
-                    self.current[name] = snapshot(out)
+                    self.current[name] = _copy(out)
                 return out
-            return fresh_copy(*self.previous[name])
+            return _replay(self.previous[name])
 
         return forward
 
-    def denoiser_forward(self, original, timestep_arg: TimestepArg, scheduler):
+    def denoiser_forward(self, original, timestep: _Timestep, scheduler):
         def forward(*args, **kwargs):
             k = self.k
             self.k += 1
             if k == 0:
-                self.tau = loop_timesteps(scheduler)
-                self.warm_up = effective_warm_up(self.requested_warm_up, self.num_inference_steps, len(self.tau))
-            bound = timestep_arg.bind(args, kwargs)
+                self.tau = scheduler.timesteps[getattr(scheduler, "begin_index", None) or 0 :]
+                self.warm_up = self.requested_warm_up
+                if isinstance(self.num_inference_steps, int) and self.warm_up >= self.num_inference_steps:
+                    self.warm_up = max(self.warm_up, len(self.tau))  # exact: every call (PNDM calls one more)
+                timestep.measure(args, kwargs, float(self.tau[0]))
             if k < self.warm_up:
                 self.computing, self.record, self.current = None, True, {}
                 out = original(*args, **kwargs)
@@ -83,7 +128,7 @@ class _Simulation:
                 return out
             if self.stride == 2 and self.pending_eps is not None:
                 eps, self.pending_eps = self.pending_eps, None
-                return replace_first_tensor(self.template, eps)
+                return _with_eps(self.template, eps)
             shift = 1 if self.time_shift else 0
             K = len(self.tau)
             if self.stride == 1:
@@ -99,14 +144,14 @@ class _Simulation:
             for rank, t_index in ranks:
                 self.computing = set(self.plan.segments[self.segment_of_rank(rank)].blocks)
                 self.record = rank < self.n  # stride 2: rank n's work serves ε only
-                a, kw = TimestepArg.substitute(bound, self.tau[t_index])
+                a, kw = timestep.call_with(args, kwargs, self.tau[t_index])
                 outs[rank] = original(*a, **kw)
             self.previous = self.current
             self.computing, self.record = None, True
             out = outs[eps_rank]
             if self.stride == 2 and k + 1 < K:
                 source = outs[eps_rank] if self.stride_eps == "reuse" else outs[self.n - 1]
-                self.pending_eps = first_tensor(source).clone()
+                self.pending_eps = _eps(source).clone()
                 self.template = outs[self.n - 1]  # an output structure to carry ε_{k+1}
             return out
 
@@ -175,13 +220,13 @@ def _simulate(pipe, args, plan, model_n, stride, warm_up, time_shift, stride_eps
 
     steps = call_kwargs.get("num_inference_steps")
     if steps is None:
-        import inspect
-
         param = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
         steps = param.default if param is not None else None
     sim = _Simulation(plan, stride, warm_up, time_shift, stride_eps, steps)
     modules = dict(denoiser.named_modules())
     forwards = {name: sim.block_forward(name, modules[name].forward) for name in plan.blocks}
-    forwards[""] = sim.denoiser_forward(denoiser.forward, TimestepArg(class_forward(denoiser)), pipe.scheduler)
+    forwards[""] = sim.denoiser_forward(
+        denoiser.forward, _Timestep(type(denoiser).forward.__get__(denoiser)), pipe.scheduler
+    )
     with _overridden(modules, forwards), torch.no_grad():
         return pipe(*args, **call_kwargs)
