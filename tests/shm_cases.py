@@ -76,7 +76,7 @@ def run_repeats(
             if rank == 1:  # rank 1 reaches its first receive late (at the first block of its segment)
                 lag = [lag_s * (i % 3) / 2]
                 first = dict(pipe.unet.named_modules())[case["plan"][1][0]]
-                handle = first.register_forward_pre_hook(lambda *_: time.sleep(lag.pop()) if lag else None)
+                handle = first.register_forward_pre_hook(lambda *_, lag=lag: time.sleep(lag.pop()) if lag else None)
             image = pipe(**kwargs).images
             if rank == 1:
                 handle.remove()
@@ -127,4 +127,30 @@ def run_transport_growth(rank: int, world: int, repeats: int, timeout_s: float =
                 transport.close()
         out["runs"].append((status, time.monotonic() - t0))
         dist.barrier()
+    return out
+
+
+def run_dead_at_set_up(rank: int, world: int, timeout_s: float) -> dict:
+    """Rank 1 receives the first generation, then dies before it opens the second; rank 0 has grown its channel
+    (generation 1) and waits in close for rank 1 to open it... which notices the dead pid."""
+    import torch.distributed as dist
+
+    from asyncdiff_rt.transport.shm import ShmTransport
+
+    dist.init_process_group("gloo")
+    transport = ShmTransport.from_group(timeout_s=timeout_s)
+    if rank == 1:
+        transport.exchange(0, {}, {0: [torch.empty(16)]})
+        os._exit(3)
+    out: dict = {"pid": os.getpid()}
+    try:
+        transport.exchange(0, {1: [torch.zeros(16)]}, {})
+        transport.exchange(1, {1: [torch.zeros(100_000)]}, {})  # generation 1, never opened
+        time.sleep(0.5)
+        transport.exchange(2, {}, {1: [torch.empty(16)]})  # set-up of 1to0: rank 1 is dead
+        out["error"] = None
+    except Exception as err:  # noqa: BLE001 - the test inspects it
+        out["error"] = (type(err).__name__, str(err))
+    finally:
+        transport.close()
     return out

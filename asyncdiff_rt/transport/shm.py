@@ -274,7 +274,8 @@ class ShmTransport(Transport):
                 name, _round_capacity(nbytes), sending, index, peer, self.timeout_s, self._peer_pids[peer]
             )
         except RuntimeError as err:
-            what = f"set-up of channel {name} (generation {link.generation}, {'sending to' if sending else 'receiving from'})"
+            role = "sending to" if sending else "receiving from"
+            what = f"set-up of channel {name} (generation {link.generation}, {role})"
             raise self._fail(what, peer, link.seq + 1, err) from err
         with self._channels_lock:
             old, link.channel = link.channel, channel
