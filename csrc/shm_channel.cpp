@@ -8,7 +8,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <sstream>
 #include <thread>
 
@@ -43,21 +42,6 @@ using Clock = std::chrono::steady_clock;
 std::uint32_t load_acquire(const std::uint32_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 void store_release(std::uint32_t* p, std::uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 
-bool process_alive(int pid) {
-  if (pid <= 0) return true;  // unknown yet
-  if (::kill(pid, 0) < 0 && errno == ESRCH) return false;
-  // A child that exited but was not reaped yet still answers kill(): look at its state.
-  char path[64];
-  std::snprintf(path, sizeof(path), "/proc/%d/stat", pid);
-  std::ifstream f(path);
-  if (!f) return true;  // no procfs: trust kill()
-  std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  auto close_paren = stat.rfind(')');
-  if (close_paren == std::string::npos || close_paren + 2 >= stat.size()) return true;
-  char state = stat[close_paren + 2];
-  return state != 'Z' && state != 'X';
-}
-
 }  // namespace
 
 struct ChannelHeader {
@@ -75,8 +59,14 @@ struct ChannelHeader {
 static_assert(sizeof(ChannelHeader) <= kHeaderBytes, "channel header must fit its page");
 
 ShmChannel::ShmChannel(const std::string& name, std::size_t capacity, bool create, int device, int peer,
-                       double timeout_s)
-    : name_(name), capacity_(capacity), device_(device), peer_(peer), timeout_s_(timeout_s), creator_(create) {
+                       double timeout_s, int peer_pid)
+    : name_(name),
+      capacity_(capacity),
+      device_(device),
+      peer_(peer),
+      known_peer_pid_(peer_pid),
+      timeout_s_(timeout_s),
+      creator_(create) {
   ADRT_CHECK(capacity > 0, "shm channel '" << name << "': capacity must be positive");
   ADRT_CHECK(timeout_s > 0, "shm channel '" << name << "': timeout_s must be positive");
 #ifndef ASYNCDIFF_RT_WITH_CUDA
@@ -94,13 +84,15 @@ ShmChannel::ShmChannel(const std::string& name, std::size_t capacity, bool creat
     header_ = h;
   } else {
     auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
-    region_ = ShmRegion::open(name, total, timeout_s);
+    const std::string who = "shm channel '" + name + "' (peer rank " + std::to_string(peer) + ", set-up)";
+    region_ = ShmRegion::open(name, total, timeout_s, peer_pid, who);
     auto* h = static_cast<ChannelHeader*>(region_.data());
     while (load_acquire(&h->magic) != kMagic) {
-      ADRT_CHECK(Clock::now() < deadline,
-                 "shm channel '" << name << "': peer rank " << peer << " created the region but never initialised it");
+      ADRT_CHECK(Clock::now() < deadline, who << ": the peer created the region but never initialised it");
+      ADRT_CHECK(process_alive(peer_pid), who << ": the peer (pid " << peer_pid << ") exited");
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
+    ADRT_CHECK(load_acquire(&h->failed.value) == 0, who << ": the peer marked the channel failed");
     ADRT_CHECK(h->layout_version == kLayoutVersion,
                "shm channel '" << name << "': layout version " << h->layout_version << " != " << kLayoutVersion
                                << " (both sides must run the same asyncdiff_rt build)");
@@ -143,7 +135,22 @@ bool ShmChannel::failed() const {
 
 int ShmChannel::peer_pid() const {
   if (header_ == nullptr) return 0;
-  return creator_ ? __atomic_load_n(&header_->opener_pid, __ATOMIC_ACQUIRE) : header_->creator_pid;
+  int pid = creator_ ? __atomic_load_n(&header_->opener_pid, __ATOMIC_ACQUIRE) : header_->creator_pid;
+  return pid > 0 ? pid : known_peer_pid_;
+}
+
+bool ShmChannel::peer_opened() const {
+  ChannelHeader* h = header_;
+  return !creator_ || h == nullptr || __atomic_load_n(&h->opener_pid, __ATOMIC_ACQUIRE) != 0;
+}
+
+bool ShmChannel::wait_peer_opened(double timeout_s) {
+  auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
+  while (!peer_opened()) {
+    if (failed() || !process_alive(peer_pid()) || Clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return true;
 }
 
 std::string ShmChannel::describe(std::uint64_t step) const {
@@ -248,120 +255,100 @@ void ShmChannel::record_done(std::uint64_t seq, StreamHandle stream) {
   pending_.emplace_back(seq, std::move(ev));
 }
 
-void ShmChannel::send(std::uint64_t seq, const std::vector<Part>& parts, StreamHandle stream) {
-  const int p = static_cast<int>(seq & 1);
+bool ShmChannel::begin_op(Role role, std::uint64_t seq, const std::vector<Part>& parts, StreamHandle stream) {
   check_fits(parts, seq);
-  if (device_ < 0) {
-    check_usable(Role::kSender, seq);
+  const bool capturing = device_ >= 0 && stream_is_capturing(stream);
+  if (capturing) {  // Note [shm handshake], capture caveat (1): no seq order check
+    ADRT_CHECK(header_ != nullptr && !failed(), describe(seq) << ": channel closed or failed");
+    if (role_ == Role::kNone) role_ = role;
+  } else {
+    check_usable(role, seq);
     has_seq_ = true;
     last_seq_ = seq;
-    if (header_->sender_kind.value != kSenderCpu) store_release(&header_->sender_kind.value, kSenderCpu);
-    host_wait_flag(p, 0, seq, "for the receiver to free the slot (consume the previous message)");
-    std::uint8_t* dst = slot(p);
-    std::size_t off = 0;
-    for (const auto& part : parts) {
-      off = round_up(off, kPartAlignment);
-      if (part.nbytes) std::memcpy(dst + off, reinterpret_cast<const void*>(part.ptr), part.nbytes);
-      off += part.nbytes;
-    }
-    store_release(stamp_word(p), static_cast<std::uint32_t>(seq));
-    store_release(full_word(p), 1);
-    store_release(&header_->done[0].value, static_cast<std::uint32_t>(seq));
+  }
+  return capturing;
+}
+
+void ShmChannel::await_flag(int parity, std::uint32_t value, std::uint64_t seq, const char* what, StreamHandle stream) {
+  if (device_ < 0) {
+    host_wait_flag(parity, value, seq, what);
     return;
   }
 #ifdef ASYNCDIFF_RT_WITH_CUDA
-  DeviceGuard guard(device_);
-  const bool capturing = stream_is_capturing(stream);
-  if (capturing) {
-    ADRT_CHECK(header_ != nullptr && !failed(), describe(seq) << ": channel closed or failed");
-    if (role_ == Role::kNone) role_ = Role::kSender;
-  } else {
-    check_usable(Role::kSender, seq);
-    has_seq_ = true;
-    last_seq_ = seq;
-  }
-  if (header_->sender_kind.value != kSenderGpu) store_release(&header_->sender_kind.value, kSenderGpu);
-  const DriverApi& api = driver_api();
-  auto cu_stream = reinterpret_cast<CUstream>(stream);
-  CHECK_CU(api.stream_wait_value32(cu_stream, dev_full_[p], 0, CU_STREAM_WAIT_VALUE_EQ));
-  std::uint8_t* dst = slot(p);
-  std::size_t off = 0;
-  for (const auto& part : parts) {
-    off = round_up(off, kPartAlignment);
-    if (part.nbytes) {
-      CHECK_CUDA(
-          cudaMemcpyAsync(dst + off, reinterpret_cast<const void*>(part.ptr), part.nbytes, cudaMemcpyDefault, stream));
-    }
-    off += part.nbytes;
-  }
-  CHECK_CU(api.stream_write_value32(cu_stream, dev_stamp_[p], static_cast<std::uint32_t>(seq),
-                                    CU_STREAM_WRITE_VALUE_DEFAULT));
-  CHECK_CU(api.stream_write_value32(cu_stream, dev_full_[p], 1, CU_STREAM_WRITE_VALUE_DEFAULT));
-  CHECK_CU(api.stream_write_value32(cu_stream, dev_done_[0], static_cast<std::uint32_t>(seq),
-                                    CU_STREAM_WRITE_VALUE_DEFAULT));
-  if (!capturing) record_done(seq, stream);
+  CHECK_CU(driver_api().stream_wait_value32(reinterpret_cast<CUstream>(stream), dev_full_[parity], value,
+                                            CU_STREAM_WAIT_VALUE_EQ));
 #else
   (void)stream;
 #endif
 }
 
-void ShmChannel::recv(std::uint64_t seq, const std::vector<Part>& parts, StreamHandle stream) {
-  const int p = static_cast<int>(seq & 1);
-  check_fits(parts, seq);
+void ShmChannel::set_word(std::uint32_t* host, std::uintptr_t dev, std::uint32_t value, StreamHandle stream) {
   if (device_ < 0) {
-    check_usable(Role::kReceiver, seq);
-    has_seq_ = true;
-    last_seq_ = seq;
-    host_wait_flag(p, 1, seq, "for the sender's message");
-    if (load_acquire(&header_->sender_kind.value) == kSenderCpu) {
-      std::uint32_t stamp = load_acquire(stamp_word(p));
-      if (stamp != static_cast<std::uint32_t>(seq)) {
-        fail(describe(seq) + ": out of step: peer rank " + std::to_string(peer_) + " sent step " +
-             std::to_string(stamp) + " into slot " + std::to_string(p) + ", this side expects step " +
-             std::to_string(seq));
-      }
-    }
-    const std::uint8_t* src = slot(p);
-    std::size_t off = 0;
-    for (const auto& part : parts) {
-      off = round_up(off, kPartAlignment);
-      if (part.nbytes) std::memcpy(reinterpret_cast<void*>(part.ptr), src + off, part.nbytes);
-      off += part.nbytes;
-    }
-    store_release(full_word(p), 0);
-    store_release(&header_->done[1].value, static_cast<std::uint32_t>(seq));
+    store_release(host, value);
     return;
   }
 #ifdef ASYNCDIFF_RT_WITH_CUDA
-  DeviceGuard guard(device_);
-  const bool capturing = stream_is_capturing(stream);
-  if (capturing) {
-    ADRT_CHECK(header_ != nullptr && !failed(), describe(seq) << ": channel closed or failed");
-    if (role_ == Role::kNone) role_ = Role::kReceiver;
-  } else {
-    check_usable(Role::kReceiver, seq);
-    has_seq_ = true;
-    last_seq_ = seq;
-  }
-  const DriverApi& api = driver_api();
-  auto cu_stream = reinterpret_cast<CUstream>(stream);
-  CHECK_CU(api.stream_wait_value32(cu_stream, dev_full_[p], 1, CU_STREAM_WAIT_VALUE_EQ));
-  const std::uint8_t* src = slot(p);
+  CHECK_CU(
+      driver_api().stream_write_value32(reinterpret_cast<CUstream>(stream), dev, value, CU_STREAM_WRITE_VALUE_DEFAULT));
+#else
+  (void)dev;
+  (void)stream;
+#endif
+}
+
+void ShmChannel::copy_parts(const std::vector<Part>& parts, int parity, bool into_slot, StreamHandle stream) {
+  std::uint8_t* base = slot(parity);
   std::size_t off = 0;
   for (const auto& part : parts) {
     off = round_up(off, kPartAlignment);
     if (part.nbytes) {
-      CHECK_CUDA(cudaMemcpyAsync(reinterpret_cast<void*>(part.ptr), src + off, part.nbytes, cudaMemcpyDefault, stream));
+      void* user = reinterpret_cast<void*>(part.ptr);
+      void* dst = into_slot ? base + off : user;
+      const void* src = into_slot ? static_cast<const void*>(user) : base + off;
+      if (device_ < 0) {
+        std::memcpy(dst, src, part.nbytes);
+      } else {
+#ifdef ASYNCDIFF_RT_WITH_CUDA
+        CHECK_CUDA(cudaMemcpyAsync(dst, src, part.nbytes, cudaMemcpyDefault, stream));
+#endif
+      }
     }
     off += part.nbytes;
   }
-  CHECK_CU(api.stream_write_value32(cu_stream, dev_full_[p], 0, CU_STREAM_WRITE_VALUE_DEFAULT));
-  CHECK_CU(api.stream_write_value32(cu_stream, dev_done_[1], static_cast<std::uint32_t>(seq),
-                                    CU_STREAM_WRITE_VALUE_DEFAULT));
-  if (!capturing) record_done(seq, stream);
-#else
   (void)stream;
-#endif
+}
+
+void ShmChannel::send(std::uint64_t seq, const std::vector<Part>& parts, StreamHandle stream) {
+  const int p = static_cast<int>(seq & 1);
+  DeviceGuard guard(device_);
+  const bool capturing = begin_op(Role::kSender, seq, parts, stream);
+  const std::uint32_t kind = device_ < 0 ? kSenderCpu : kSenderGpu;
+  if (header_->sender_kind.value != kind) store_release(&header_->sender_kind.value, kind);
+  await_flag(p, 0, seq, "for the receiver to free the slot (consume the previous message)", stream);
+  copy_parts(parts, p, /*into_slot=*/true, stream);
+  const auto s32 = static_cast<std::uint32_t>(seq);
+  set_word(stamp_word(p), dev_stamp_[p], s32, stream);
+  set_word(full_word(p), dev_full_[p], 1, stream);
+  set_word(&header_->done[0].value, dev_done_[0], s32, stream);
+  if (device_ >= 0 && !capturing) record_done(seq, stream);
+}
+
+void ShmChannel::recv(std::uint64_t seq, const std::vector<Part>& parts, StreamHandle stream) {
+  const int p = static_cast<int>(seq & 1);
+  DeviceGuard guard(device_);
+  const bool capturing = begin_op(Role::kReceiver, seq, parts, stream);
+  await_flag(p, 1, seq, "for the sender's message", stream);
+  if (device_ < 0 && load_acquire(&header_->sender_kind.value) == kSenderCpu) {
+    std::uint32_t stamp = load_acquire(stamp_word(p));
+    if (stamp != static_cast<std::uint32_t>(seq)) {
+      fail(describe(seq) + ": out of step: peer rank " + std::to_string(peer_) + " sent step " + std::to_string(stamp) +
+           " into slot " + std::to_string(p) + ", this side expects step " + std::to_string(seq));
+    }
+  }
+  copy_parts(parts, p, /*into_slot=*/false, stream);
+  set_word(full_word(p), dev_full_[p], 0, stream);
+  set_word(&header_->done[1].value, dev_done_[1], static_cast<std::uint32_t>(seq), stream);
+  if (device_ >= 0 && !capturing) record_done(seq, stream);
 }
 
 void ShmChannel::release_gpu(double grace_s) {
@@ -486,6 +473,7 @@ void ShmChannel::abort(const std::string& reason) {
   if (header_ == nullptr) return;
   mark_failed(reason);
   release_gpu(1.0);
+  if (creator_) region_.unlink();
 }
 
 void ShmChannel::close() noexcept {

@@ -64,9 +64,11 @@ class ShmChannel {
 
   // `create`: this side creates the region (the other side opens it, waiting up to timeout_s for it).
   // `device`: CUDA device index of the tensors this side passes, or -1 for host memory.
-  // `peer`: the other side's rank, used in error messages only.
+  // `peer`: the other side's rank, used in error messages only. `peer_pid` (> 0 when known, e.g. from the
+  // rendezvous): a peer that exits before the channel is set up ends the set-up waits at once.
+  // Set-up failures throw naming the channel, the peer rank and "set-up".
   ShmChannel(const std::string& name, std::size_t capacity, bool create, int device, int peer,
-             double timeout_s = kDefaultTimeoutS);
+             double timeout_s = kDefaultTimeoutS, int peer_pid = 0);
   ~ShmChannel();
   ShmChannel(const ShmChannel&) = delete;
   ShmChannel& operator=(const ShmChannel&) = delete;
@@ -80,7 +82,15 @@ class ShmChannel {
   void wait(std::uint64_t seq, double timeout_s);
   // Marks the channel failed on both sides (the peer's waits throw at once), releases this side's blocked
   // stream ops. Later calls throw. For tests and for tearing down after another rank failed.
+  // The creator also unlinks the name, so nothing is left in /dev/shm whatever happens next.
   void abort(const std::string& reason = "aborted");
+  // Note [shm generations]: a sender that grows its channel keeps the old generation (and its name) until the
+  // receiver has opened it, since the receiver still has to read the messages in it. True on the opener side,
+  // on a closed channel, and on the creator side once the opener has mapped the region (thread-safe read).
+  bool peer_opened() const;
+  // Waits up to timeout_s for peer_opened(); false at the timeout, or at once when the channel failed or the
+  // peer exited. Never throws.
+  bool wait_peer_opened(double timeout_s);
   // The three calls below are the only ones safe from another thread (a watchdog) while the owning thread uses
   // the channel (not while it closes it): they only read or atomically write words of the shared header.
   // Empty while the peer is alive and has not marked the channel failed; otherwise what happened to it.
@@ -109,6 +119,14 @@ class ShmChannel {
   enum class Role { kNone, kSender, kReceiver };
 
   void check_usable(Role role, std::uint64_t seq);
+  // The bookkeeping every op shares (size, state, role and seq checks); true when `stream` is capturing.
+  bool begin_op(Role role, std::uint64_t seq, const std::vector<Part>& parts, StreamHandle stream);
+  // Waits for full[parity] == value: on the host (CPU) or enqueued on `stream` (GPU).
+  void await_flag(int parity, std::uint32_t value, std::uint64_t seq, const char* what, StreamHandle stream);
+  // Writes a header word: a release store (CPU) or a stream write after the op's copies (GPU, `dev` pointer).
+  void set_word(std::uint32_t* host, std::uintptr_t dev, std::uint32_t value, StreamHandle stream);
+  // Packs parts into slot `parity` or unpacks them from it: memcpy (CPU) or cudaMemcpyAsync on `stream` (GPU).
+  void copy_parts(const std::vector<Part>& parts, int parity, bool into_slot, StreamHandle stream);
   void check_fits(const std::vector<Part>& parts, std::uint64_t seq) const;
   std::uint8_t* slot(int parity) const;
   std::uint32_t* full_word(int parity) const;
@@ -128,6 +146,7 @@ class ShmChannel {
   std::size_t slot_stride_ = 0;
   int device_ = -1;
   int peer_ = -1;
+  int known_peer_pid_ = 0;
   double timeout_s_ = kDefaultTimeoutS;
   bool creator_ = false;
   ShmRegion region_;

@@ -1,11 +1,16 @@
 #include "shm_region.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <thread>
 #include <utility>
 
@@ -17,6 +22,21 @@
 #endif
 
 namespace asyncdiff_rt {
+
+bool process_alive(int pid) {
+  if (pid <= 0) return true;  // unknown yet
+  if (::kill(pid, 0) < 0 && errno == ESRCH) return false;
+  // A child that exited but was not reaped yet still answers kill(): look at its state.
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+  std::ifstream f(path);
+  if (!f) return true;  // no procfs: trust kill()
+  std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  auto close_paren = stat.rfind(')');
+  if (close_paren == std::string::npos || close_paren + 2 >= stat.size()) return true;
+  char state = stat[close_paren + 2];
+  return state != 'Z' && state != 'X';
+}
 
 std::string shm_posix_name(const std::string& name) {
   std::string n = name.empty() || name[0] != '/' ? "/" + name : name;
@@ -53,9 +73,11 @@ ShmRegion ShmRegion::create(const std::string& name, std::size_t size) {
   return r;
 }
 
-ShmRegion ShmRegion::open(const std::string& name, std::size_t size, double timeout_s) {
+ShmRegion ShmRegion::open(const std::string& name, std::size_t size, double timeout_s, int owner_pid,
+                          const std::string& who) {
   ShmRegion r;
   r.name_ = shm_posix_name(name);
+  const std::string prefix = who.empty() ? "shm region '" + r.name_ + "'" : who;
   auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   int fd = -1;
   for (;;) {
@@ -69,14 +91,17 @@ ShmRegion ShmRegion::open(const std::string& name, std::size_t size, double time
       // Size 0: the owner has not sized it yet. Any other size: a mismatch, unless a stale region is
       // about to be replaced; report it only at the deadline.
       if (std::chrono::steady_clock::now() > deadline) {
-        ADRT_CHECK(false, "shm region '" << r.name_ << "' has " << st.st_size << " bytes, expected " << size
-                                         << " (both sides must pass the same capacity)");
+        ADRT_CHECK(false, prefix << ": region '" << r.name_ << "' has " << st.st_size << " bytes, expected " << size
+                                 << " (both sides must pass the same capacity)");
       }
     } else if (errno != ENOENT) {
       CHECK_ERRNO(-1, "shm_open(open) of '" << r.name_ << "'");
     }
-    ADRT_CHECK(std::chrono::steady_clock::now() < deadline,
-               "timed out after " << timeout_s << " s waiting for the peer to create shm region '" << r.name_ << "'");
+    ADRT_CHECK(std::chrono::steady_clock::now() < deadline, prefix << ": timed out after " << timeout_s
+                                                                   << " s waiting for the peer to create shm region '"
+                                                                   << r.name_ << "'");
+    ADRT_CHECK(process_alive(owner_pid),
+               prefix << ": the peer (pid " << owner_pid << ") exited before creating shm region '" << r.name_ << "'");
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
   void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);

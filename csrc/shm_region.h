@@ -16,8 +16,10 @@ class ShmRegion {
  public:
   // Owner: creates `name` (replacing a stale one), sizes it to `size` bytes, zero-filled.
   static ShmRegion create(const std::string& name, std::size_t size);
-  // Peer: waits up to `timeout_s` for the owner to create a region of exactly `size` bytes, then maps it.
-  static ShmRegion open(const std::string& name, std::size_t size, double timeout_s);
+  // Peer: waits up to `timeout_s` for the owner to create a region of exactly `size` bytes, then maps it. A
+  // known `owner_pid` (> 0) that exits ends the wait at once; `who` prefixes the error messages.
+  static ShmRegion open(const std::string& name, std::size_t size, double timeout_s, int owner_pid = 0,
+                        const std::string& who = "");
 
   ShmRegion() = default;
   ~ShmRegion();
@@ -48,6 +50,9 @@ class ShmRegion {
   bool unlinked_ = false;
   int registered_device_ = -1;
 };
+
+// False once process `pid` has exited (a zombie counts as exited); true for pid <= 0 (unknown).
+bool process_alive(int pid);
 
 // "/name" as shm_open wants it; checks the POSIX name rules and says what is wrong.
 std::string shm_posix_name(const std::string& name);

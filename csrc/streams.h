@@ -3,8 +3,9 @@
 //
 // Note [stream ordering]: work enqueued by the runtime on a caller's stream is ordered after everything the
 // caller queued before, and everything queued after it sees its results. Where the runtime uses a stream of its
-// own (communication), an event recorded on the caller's stream gates it and an event recorded on it gates the
-// caller's stream again, so the caller can treat the call as if it ran on its own stream.
+// own (communication; the Python transports create it and fork/join it with torch streams), an event recorded on the
+// caller's stream gates it and an event recorded on it gates the caller's stream again, so the caller can treat the
+// call as if it ran on its own stream.
 #pragma once
 
 #include <cstdint>
@@ -37,23 +38,6 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
-// A non-blocking stream with a priority; `high_priority` picks the greatest priority the device offers
-// (communication streams, so transfers are not queued behind compute kernels).
-class Stream {
- public:
-  Stream(int device, bool high_priority);
-  ~Stream();
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  StreamHandle handle() const { return stream_; }
-  int device() const { return device_; }
-  void synchronize() const;
-
- private:
-  int device_;
-  StreamHandle stream_ = nullptr;
-};
-
 // Event without timing (cheap to record and query).
 class Event {
  public:
@@ -70,9 +54,6 @@ class Event {
   int device_;
   EventHandle event_ = nullptr;
 };
-
-// Makes `waiter` wait for everything enqueued on `signaller` so far (Note [stream ordering]).
-void stream_wait_stream(StreamHandle waiter, StreamHandle signaller, Event& scratch);
 
 // True when `stream` is being captured into a CUDA graph (host-side bookkeeping must then be skipped).
 bool stream_is_capturing(StreamHandle stream);

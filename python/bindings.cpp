@@ -67,8 +67,9 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<ShmChannel>(m, "ShmChannel",
                          "Directed double-buffered channel through POSIX shared memory (csrc/shm_channel.h).")
-      .def(py::init<const std::string&, std::size_t, bool, int, int, double>(), py::arg("name"), py::arg("capacity"),
-           py::arg("create"), py::arg("device"), py::arg("peer"), py::arg("timeout_s") = ShmChannel::kDefaultTimeoutS,
+      .def(py::init<const std::string&, std::size_t, bool, int, int, double, int>(), py::arg("name"),
+           py::arg("capacity"), py::arg("create"), py::arg("device"), py::arg("peer"),
+           py::arg("timeout_s") = ShmChannel::kDefaultTimeoutS, py::arg("peer_pid") = 0,
            py::call_guard<py::gil_scoped_release>())
       .def(
           "send",
@@ -91,6 +92,10 @@ PYBIND11_MODULE(_C, m) {
       .def("wait", &ShmChannel::wait, py::arg("seq"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
       .def("abort", &ShmChannel::abort, py::arg("reason") = "aborted", py::call_guard<py::gil_scoped_release>())
       .def("close", &ShmChannel::close, py::call_guard<py::gil_scoped_release>())
+      .def("wait_peer_opened", &ShmChannel::wait_peer_opened, py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Wait until the receiver mapped this creator's region; False at the timeout, a failure or a dead peer.")
+      .def_property_readonly("peer_opened", &ShmChannel::peer_opened)
       .def("peer_problem", &ShmChannel::peer_problem, py::call_guard<py::gil_scoped_release>(),
            "'' while the peer lives and the channel is healthy, else what happened (thread-safe).")
       .def("completed", &ShmChannel::completed, py::arg("seq"),
@@ -110,6 +115,9 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("parts"), "Bytes the parts take in one slot (each part 256-byte aligned).")
       .def_readonly_static("PART_ALIGNMENT", &ShmChannel::kPartAlignment);
+
+  m.def("process_alive", &process_alive, py::arg("pid"),
+        "False once the process exited (a zombie counts as exited); True for pid <= 0 (unknown).");
 
   m.def("nccl_unique_id", [] { return py::bytes(nccl_unique_id()); }, "ncclGetUniqueId as bytes.");
 

@@ -25,7 +25,7 @@ import torch
 
 from .. import native
 from .base import Transport, TransportError
-from .shm import StoreRendezvous, group_store
+from .rendezvous import StoreRendezvous, group_store
 from .watchdog import WatchdogThread
 
 __all__ = ["NcclTransport"]
@@ -37,24 +37,11 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # an exited child that was not reaped yet
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
-
-
 class _Watchdog(WatchdogThread):
     def __init__(self, owner: NcclTransport, poll_s: float = 0.02):
         super().__init__(owner, "nccl", poll_s)
         self._comm = owner._comm  # only its thread-safe calls: completed, abort
+        self._C = owner._C
         self._peer_pids = dict(owner._local_peer_pids)
 
     def run(self) -> None:
@@ -63,7 +50,7 @@ class _Watchdog(WatchdogThread):
             if self._comm.completed(seq):
                 self.done(head)
                 continue
-            dead = [r for r, pid in self._peer_pids.items() if not _pid_alive(pid)]
+            dead = [r for r, pid in self._peer_pids.items() if not self._C.process_alive(pid)]
             problem = f"peer rank {dead[0]} (pid {self._peer_pids[dead[0]]}) exited" if dead else ""
             problem = problem or self.stalled(issued_at)
             if problem:

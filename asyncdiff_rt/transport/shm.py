@@ -6,6 +6,13 @@ Each channel counts its own messages (its seq), so both sides agree without a gl
 rank takes part in only some exchanges. A channel grows (a new generation) when a message does not fit; both
 sides take the same decision because they see the same sizes in the same order (the Transport contract).
 
+Note [shm generations]: the sender may run ahead of its receiver by several generations (on CPU a send only
+waits for a free slot, and a new generation has free slots), while the receiver still has to open the older
+ones and read the messages in them. So a sender never unlinks a generation its receiver has not opened: it
+keeps the old channel (retired) until `peer_opened`, and `close` waits (with the timeout) for the receiver to
+open what is left, unless the transport failed. On every failure path (`abort`, set-up errors, close, exit)
+this rank's regions are unlinked, so nothing is left in /dev/shm.
+
 On CPU the calls are blocking memcpys. On a GPU they are enqueued on a high-priority communication stream of
 this transport, ordered after the caller's current stream and before the caller's later work (Note [stream
 ordering] in csrc/streams.h); the host never synchronises in steady state except to keep at most
@@ -23,27 +30,36 @@ call `synchronize()` before they trust a result (the runtime does, at the end of
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
-import pickle
 import secrets
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterable
-from datetime import timedelta
 from typing import Any
 
 import torch
 
 from .. import native
 from .base import Transport, TransportError
+from .rendezvous import StoreRendezvous, group_store
 from .watchdog import WatchdogThread
 
 __all__ = ["ShmTransport", "StoreRendezvous", "group_store"]
 
 _MIN_CAPACITY = 64 * 1024
 _instances = itertools.count()
+_open_transports: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:  # a process that exits on an exception still unlinks its regions
+    for transport in list(_open_transports):
+        transport.abort("the process exited")
+        transport.close()
 
 
 def _round_capacity(nbytes: int) -> int:
@@ -52,68 +68,6 @@ def _round_capacity(nbytes: int) -> int:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-class StoreRendezvous:
-    """Small set-up agreement through a torch.distributed Store, under one key prefix per transport instance."""
-
-    def __init__(self, store: Any, rank: int, world_size: int, namespace: str, timeout_s: float):
-        self.store, self.rank, self.world_size = store, rank, world_size
-        self.namespace = namespace
-        self.timeout_s = timeout_s
-        self._round = 0
-
-    def _wait(self, keys: list[str], what: str) -> None:
-        try:
-            self.store.wait(keys, timedelta(seconds=self.timeout_s))
-        except Exception as err:  # noqa: BLE001 - stores raise plain RuntimeErrors / DistStoreError
-            raise TransportError(
-                f"{self.namespace}: rank {self.rank} waited {self.timeout_s:.0f} s for {what} through the store; "
-                f"a peer died or did not reach the same point ({err})"
-            ) from err
-
-    def publish(self, key: str, value: bytes) -> None:
-        self.store.set(f"{self.namespace}/{key}", value)
-
-    def fetch(self, key: str, what: str) -> bytes:
-        full = f"{self.namespace}/{key}"
-        self._wait([full], what)
-        return self.store.get(full)
-
-    def from_rank0(self, key: str, make: Any, what: str) -> bytes:
-        """Rank 0 calls make() and publishes the bytes; every rank returns them."""
-        if self.rank == 0:
-            value = make()
-            self.publish(key, value)
-            return value
-        return self.fetch(key, what)
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        n = self._round
-        self._round += 1
-        self.publish(f"ago/{n}/{self.rank}", pickle.dumps(obj))
-        keys = [f"{self.namespace}/ago/{n}/{r}" for r in range(self.world_size)]
-        self._wait(keys, f"all_gather_object round {n}")
-        out = [pickle.loads(self.store.get(k)) for k in keys]
-        if n >= 2:  # every rank has read round n-2 once this rank is in round n
-            try:
-                self.store.delete_key(f"{self.namespace}/ago/{n - 2}/{self.rank}")
-            except Exception:  # noqa: BLE001 - not every store deletes; the keys are small
-                pass
-        return out
-
-
-def group_store(group: Any, kind: str) -> tuple[Any, int, int]:
-    """(store, rank, world_size) for a torch.distributed group: the default store under a prefix that names the
-    group's ranks, so sub-groups (8 GPUs as 2 x n4) do not collide."""
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d as c10d
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise TransportError(f"the {kind} transport needs an initialised torch.distributed process group")
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-    store = dist.PrefixStore(f"asyncdiff_rt/{kind}/{'-'.join(map(str, ranks))}/", c10d._get_default_store())
-    return store, dist.get_rank(group), dist.get_world_size(group)
 
 
 def _as_device(device: Any) -> torch.device:
@@ -128,12 +82,13 @@ def _as_device(device: Any) -> torch.device:
 class _Link:
     """One direction of one peer pair: the native channel, its generation and its message counter."""
 
-    __slots__ = ("channel", "generation", "seq")
+    __slots__ = ("channel", "generation", "seq", "retired")
 
     def __init__(self) -> None:
         self.channel: Any = None
         self.generation = -1
         self.seq = 0
+        self.retired: list[Any] = []  # older generations the receiver has not opened yet (sender side)
 
 
 class _Watchdog(WatchdogThread):
@@ -207,9 +162,11 @@ class ShmTransport(Transport):
                 raise TransportError(f"shm transport on {self.device}: {err}") from err
         self.max_inflight = max(1, max_inflight)
         self._rdv = StoreRendezvous(store, rank, world_size, f"asyncdiff_rt/shm/{next(_instances)}", timeout_s)
-        hosts = self._rdv.all_gather(socket.gethostname())
+        where = self._rdv.all_gather((socket.gethostname(), os.getpid()))
+        hosts = [host for host, _ in where]
         if len(set(hosts)) != 1:
             raise TransportError(f"the shm transport needs every rank on one host; ranks run on {hosts}")
+        self._peer_pids = [pid for _, pid in where]
         self._prefix = self._rdv.from_rank0(
             "prefix", lambda: f"adrt{os.getpid()}_{secrets.token_hex(4)}".encode(), "the shm name prefix"
         ).decode()
@@ -222,6 +179,8 @@ class ShmTransport(Transport):
         self._channels_lock = threading.Lock()  # channel replacement vs. the watchdog
         self._watchdog: _Watchdog | None = None
         self._closed = False
+        self._failed = False
+        _open_transports.add(self)
 
     @classmethod
     def from_group(cls, group: Any = None, device: Any = None, timeout_s: float = 60.0) -> ShmTransport:
@@ -234,23 +193,51 @@ class ShmTransport(Transport):
             raise ValueError(f"rank {self.rank}: invalid shm peer {peer} (world size {self.world_size})")
         table = self._send if sending else self._recv
         link = table.setdefault(peer, _Link())
+        if link.retired:
+            self._prune(link)
         if link.channel is not None and link.channel.capacity >= nbytes:
             return link
-        if link.channel is not None and self._cuda:
-            link.channel.wait(link.seq, self.timeout_s)
         link.generation += 1
         src, dst = (self.rank, peer) if sending else (peer, self.rank)
         name = f"{self._prefix}_{src}to{dst}_g{link.generation}"
+        if link.channel is not None and self._cuda:
+            try:
+                link.channel.wait(link.seq, self.timeout_s)
+            except RuntimeError as err:
+                raise self._fail(f"set-up of channel {name}", peer, link.seq, err) from err
         index = self.device.index if self._cuda else -1
-        channel = self._C.ShmChannel(name, _round_capacity(nbytes), sending, index, peer, self.timeout_s)
+        try:
+            channel = self._C.ShmChannel(
+                name, _round_capacity(nbytes), sending, index, peer, self.timeout_s, self._peer_pids[peer]
+            )
+        except RuntimeError as err:
+            role = "sending to" if sending else "receiving from"
+            what = f"set-up of channel {name} (generation {link.generation}, {role})"
+            raise self._fail(what, peer, link.seq + 1, err) from err
         with self._channels_lock:
             old, link.channel = link.channel, channel
-            if old is not None:
+            if old is not None and sending and not old.peer_opened:
+                link.retired.append(old)  # Note [shm generations]
+            elif old is not None:
                 old.close()
         return link
 
+    def _prune(self, link: _Link) -> None:
+        """Close the retired generations the receiver has opened (or that failed)."""
+        with self._channels_lock:
+            keep = []
+            for c in link.retired:
+                if c.peer_opened or c.failed:
+                    c.close()
+                else:
+                    keep.append(c)
+            link.retired = keep
+
     def _channels(self) -> list[Any]:
-        return [link.channel for link in itertools.chain(self._send.values(), self._recv.values()) if link.channel]
+        out = []
+        for link in itertools.chain(self._send.values(), self._recv.values()):
+            out += link.retired + ([link.channel] if link.channel is not None else [])
+        return out
 
     def _check(self, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
@@ -279,7 +266,10 @@ class ShmTransport(Transport):
         self.abort(f"rank {self.rank} failed at step {step}: {err}")
         if self._watchdog is not None and self._watchdog.error is not None:
             return TransportError(f"{self._watchdog.error} ({what} with peer rank {peer}: {err})")
-        return TransportError(f"shm {what} at step {step} between rank {self.rank} and peer rank {peer} failed: {err}")
+        return TransportError(
+            f"shm {what} at step {step} between rank {self.rank} and peer rank {peer} failed: {err}; "
+            "this rank's shm regions were unlinked"
+        )
 
     def _issue(self, what: str, step: int, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]]):
         if self._closed:
@@ -379,21 +369,28 @@ class ShmTransport(Transport):
                     raise TransportError(f"shm channel {channel.name} with peer rank {channel.peer} failed")
 
     def abort(self, reason: str = "aborted") -> None:
-        """Mark every channel failed (peers' waits raise at once) and release this rank's blocked streams."""
-        for link in itertools.chain(self._send.values(), self._recv.values()):
-            if link.channel is not None:
-                link.channel.abort(reason)
+        """Mark every channel failed (peers' waits raise at once), release this rank's blocked streams and
+        unlink this rank's regions."""
+        self._failed = True
+        with self._channels_lock:
+            for channel in self._channels():
+                channel.abort(reason)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        _open_transports.discard(self)
         if self._watchdog is not None:
             self._watchdog.stop()
+        failed = self._failed or (self._watchdog is not None and self._watchdog.error is not None)
+        deadline = time.monotonic() + self.timeout_s
         for link in itertools.chain(self._send.values(), self._recv.values()):
-            if link.channel is not None:
-                link.channel.close()  # waits for its enqueued GPU work (with the timeout) before unmapping
-                link.channel = None
+            for channel in link.retired + ([link.channel] if link.channel is not None else []):
+                if not failed and not channel.wait_peer_opened(max(0.0, deadline - time.monotonic())):
+                    failed = True  # Note [shm generations]: the receiver never came; stop waiting for the others
+                channel.close()  # waits for its enqueued GPU work (with the timeout), unmaps, unlinks (creator)
+            link.channel, link.retired = None, []
         self._inflight.clear()
 
     def __del__(self) -> None:

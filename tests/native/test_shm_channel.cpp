@@ -1,12 +1,14 @@
 // The CPU shm channel between two forked processes: data across many seqs (both slot parities, several parts,
 // odd sizes), the receiver running late and early, a receiver that times out naming peer and step, a dead
-// peer noticed before the timeout, misuse errors.
+// peer noticed before the timeout, a sender that grows several generations before its receiver opens any, a peer
+// that dies at set-up, misuse errors.
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -158,6 +160,61 @@ void test_abort_reaches_peer() {
   std::printf("abort ok\n");
 }
 
+// Note [shm generations]: the sender grows its channel three times (one message per generation) before the
+// receiver opens the first; it keeps every generation it grew out of until the receiver has opened it.
+void test_sender_grows_before_receiver_opens() {
+  const std::string base = unique_name("grow");
+  const std::vector<std::size_t> caps = {64, 8192, 70000, 300000};
+  auto gen_name = [&](std::size_t g) { return base + "_g" + std::to_string(g); };
+  pid_t child = fork_child([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the receiver runs behind
+    for (std::size_t g = 0; g < caps.size(); ++g) {
+      ShmChannel ch(gen_name(g), caps[g], /*create=*/false, -1, /*peer=*/0, 5.0, getppid());
+      std::vector<std::uint8_t> buf(caps[g]);
+      ch.recv(g + 1, {Part{reinterpret_cast<std::uintptr_t>(buf.data()), buf.size()}});
+      for (std::size_t i = 0; i < buf.size(); ++i) {
+        if (buf[i] != value_at(g + 1, 0, i)) return 1;
+      }
+    }
+    return 0;
+  });
+  std::vector<std::unique_ptr<ShmChannel>> retired;
+  for (std::size_t g = 0; g < caps.size(); ++g) {
+    auto ch = std::make_unique<ShmChannel>(gen_name(g), caps[g], /*create=*/true, -1, /*peer=*/1, 5.0, child);
+    std::vector<std::uint8_t> msg(caps[g]);
+    for (std::size_t i = 0; i < msg.size(); ++i) msg[i] = value_at(g + 1, 0, i);
+    ch->send(g + 1, {Part{reinterpret_cast<std::uintptr_t>(msg.data()), msg.size()}});  // a free slot: no wait
+    EXPECT(!ch->peer_opened());
+    retired.push_back(std::move(ch));
+  }
+  for (auto& ch : retired) {
+    EXPECT(ch->wait_peer_opened(5.0));
+    ch->close();
+  }
+  EXPECT(join(child) == 0);
+  for (std::size_t g = 0; g < caps.size(); ++g) EXPECT(access(("/dev/shm/" + gen_name(g)).c_str(), F_OK) != 0);
+  std::printf("sender grows before the receiver opens ok\n");
+}
+
+// A creator whose receiver died before opening: wait_peer_opened returns at once (known pid), abort unlinks;
+// an opener whose creator died before creating fails at once naming the set-up.
+void test_dead_peer_at_set_up() {
+  const std::string name = unique_name("deadsetup");
+  pid_t child = fork_child([] { return 0; });
+  EXPECT(join(child) == 0);
+  ShmChannel ch(name, 64, true, -1, 1, 5.0, child);
+  auto t0 = std::chrono::steady_clock::now();
+  EXPECT(!ch.wait_peer_opened(5.0));
+  EXPECT(!ch.peer_problem().empty());
+  ch.abort("peer died");
+  EXPECT(access(("/dev/shm/" + name).c_str(), F_OK) != 0);
+  EXPECT_THROWS_WITH(ShmChannel(unique_name("deadcreator"), 64, false, -1, 4, 5.0, child), "peer rank 4", "set-up",
+                     "exited");
+  double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT(dt < 1.0);
+  std::printf("dead peer at set-up ok (%.2f s)\n", dt);
+}
+
 void test_misuse() {
   const std::string name = unique_name("misuse");
   ShmChannel a(name, 300, true, -1, 1, 2.0);
@@ -185,6 +242,8 @@ int main() {
   test_timeout_names_peer_and_step();
   test_dead_peer();
   test_abort_reaches_peer();
+  test_sender_grows_before_receiver_opens();
+  test_dead_peer_at_set_up();
   test_misuse();
   std::printf("ok\n");
   return 0;
