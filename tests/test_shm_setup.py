@@ -12,7 +12,7 @@ import glob
 import pytest
 from shm_cases import GROWING_SIZES, run_repeats, run_transport_growth
 
-from asyncdiff_rt.launch import spawn
+from asyncdiff_rt.tools.launch import spawn
 
 REPEATS = 6  # at a 16/29 failure rate, 6 repeats miss the bug with probability (13/29)^6 < 1 %
 
@@ -45,7 +45,7 @@ def test_dead_peer_at_set_up_unlinks_and_names_the_phase():
 
     from shm_cases import run_dead_at_set_up
 
-    from asyncdiff_rt.launch import WorkerError
+    from asyncdiff_rt.tools.launch import WorkerError
 
     t0 = time.monotonic()
     with pytest.raises(WorkerError) as info:
