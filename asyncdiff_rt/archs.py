@@ -245,7 +245,7 @@ ARCHS: dict[str, dict[str, Any]] = {
         transformer=FLUX_SCHNELL,
         vae=_FLUX_VAE,
         text_dim=4096,
-        text_len=256,  # schnell's max_sequence_length
+        text_len=512,  # the pipeline's default max_sequence_length (schnell's model card passes 256)
         pooled_dim=768,
         negative=False,
     ),
