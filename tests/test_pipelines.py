@@ -27,7 +27,10 @@ import asyncdiff_rt
 from asyncdiff_rt.tiny import KINDS
 from asyncdiff_rt.tools.launch import spawn
 
-PIPELINE_KINDS = [k for k in KINDS if k != "demo"]  # the 8 classes (sd15 and sd21 share StableDiffusionPipeline)
+# FLUX.1 and SD3.5 (issue 18): tiny pipelines exist, their runtime cases (adapter, plans) come with the adapter
+NOT_YET = {"flux", "flux_schnell", "sd35_medium", "sd35_large"}
+# the 8 classes (sd15 and sd21 share StableDiffusionPipeline)
+PIPELINE_KINDS = [k for k in KINDS if k != "demo" and k not in NOT_YET]
 ATOL = 1e-5  # fp32, same weights and kernels (one thread each side): equal in practice
 FAR = 5e-2  # an asynchronous result differs from the exact one by more than this (measured: 0.14 .. 6)
 

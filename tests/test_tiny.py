@@ -15,6 +15,10 @@ PIPELINE_CLASS = {
     "sd21": ("StableDiffusionPipeline", "UNet2DConditionModel"),
     "sdxl": ("StableDiffusionXLPipeline", "UNet2DConditionModel"),
     "sd3": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+    "sd35_medium": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+    "sd35_large": ("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+    "flux": ("FluxPipeline", "FluxTransformer2DModel"),
+    "flux_schnell": ("FluxPipeline", "FluxTransformer2DModel"),
     "sdxl_inpaint": ("StableDiffusionXLInpaintPipeline", "UNet2DConditionModel"),
     "sd_upscale": ("StableDiffusionUpscalePipeline", "UNet2DConditionModel"),
     "sdxl_controlnet": ("StableDiffusionXLControlNetPipeline", "UNet2DConditionModel"),
@@ -22,6 +26,17 @@ PIPELINE_CLASS = {
     "animatediff": ("AnimateDiffPipeline", "UNetMotionModel"),
     "demo": ("StableDiffusionPipeline", "UNet2DConditionModel"),
 }
+
+FLUX_NAMES = [
+    "x_embedder",
+    "context_embedder",
+    "time_text_embed",
+    "pos_embed",
+    "transformer_blocks.1",
+    "single_transformer_blocks.3",
+    "norm_out",
+    "proj_out",
+]
 
 # Modules the runtime's plans name: they must exist with these names (as in the real checkpoints).
 MUST_HAVE = {
@@ -34,6 +49,10 @@ MUST_HAVE = {
         "up_blocks.0.attentions.2.transformer_blocks.2",
     ],
     "sd3": ["pos_embed", "context_embedder", "transformer_blocks.3", "proj_out"],
+    "sd35_medium": ["pos_embed", "transformer_blocks.0.attn2", "transformer_blocks.3", "proj_out"],
+    "sd35_large": ["pos_embed", "transformer_blocks.5.attn.norm_q", "proj_out"],
+    "flux": FLUX_NAMES,
+    "flux_schnell": FLUX_NAMES,
     "sdxl_inpaint": ["down_blocks.1.attentions.0.transformer_blocks.1"],
     "sd_upscale": ["class_embedding", "down_blocks.0.resnets.1", "down_blocks.3.attentions.1"],
     "sdxl_controlnet": ["down_blocks.1.attentions.0.transformer_blocks.1"],

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import sd, sd3, video
+from . import flux, sd, sd3, video
 from ._common import quiet_transformers
 
 _BUILDERS: dict[str, Callable] = {
@@ -14,6 +14,10 @@ _BUILDERS: dict[str, Callable] = {
     "sd21": sd.make_sd21,
     "sdxl": sd.make_sdxl,
     "sd3": sd3.make_sd3,
+    "sd35_medium": sd3.make_sd35_medium,
+    "sd35_large": sd3.make_sd35_large,
+    "flux": flux.make_flux,
+    "flux_schnell": flux.make_flux_schnell,
     "sdxl_inpaint": sd.make_sdxl_inpaint,
     "sd_upscale": sd.make_sd_upscale,
     "sdxl_controlnet": sd.make_sdxl_controlnet,
@@ -27,6 +31,10 @@ _KWARGS: dict[str, Callable] = {
     "sd21": sd.sd_kwargs,
     "sdxl": lambda *a, **k: sd.sd_kwargs(*a, guidance_scale=5.0, **k),
     "sd3": sd3.sd3_kwargs,
+    "sd35_medium": sd3.sd3_kwargs,
+    "sd35_large": sd3.sd3_kwargs,
+    "flux": flux.flux_kwargs,
+    "flux_schnell": flux.flux_schnell_kwargs,
     "sdxl_inpaint": sd.sdxl_inpaint_kwargs,
     "sd_upscale": sd.sd_upscale_kwargs,
     "sdxl_controlnet": sd.sdxl_controlnet_kwargs,
@@ -75,8 +83,9 @@ def call_kwargs(
 
     ``size`` is the output's height and width (the low-res input's for "sd_upscale"); it must be a multiple of
     64 for the UNet kinds (VAE factor 8 times 3 UNet downsamplings; SDXL kinds: 32), of 8 for "sd_upscale" (its
-    latents are the low-res size) and of 16 for "sd3" (VAE 8 x patch 2). Defaults: 64 (demo: 128, sd_upscale:
-    16 in, 64 out). Video kinds take 3 frames. A fresh seeded
+    latents are the low-res size), of 16 for "sd3" / "sd35_*" (VAE 8 x patch 2) and for "flux" / "flux_schnell"
+    (VAE 8 x 2x2 latent packing). Defaults: 64 (demo: 128, sd_upscale: 16 in, 64 out). Video kinds take 3 frames.
+    FLUX kinds run without true CFG (``flux.flux_true_cfg_kwargs`` adds it). A fresh seeded
     ``torch.Generator`` on ``device`` is included, so each call of this function starts the same noise.
     """
     _check(kind)

@@ -1,4 +1,9 @@
-"""Tiny Stable Diffusion 3: SD3Transformer2DModel (MMDiT), two CLIP encoders with projection, a T5 encoder."""
+"""Tiny Stable Diffusion 3 / 3.5: SD3Transformer2DModel (MMDiT), two CLIP encoders with projection, a T5 encoder.
+
+The SD 3.5 kinds differ from SD 3.0 in the transformer only (as the real checkpoints do): both normalise queries and
+keys (``qk_norm="rms_norm"``); 3.5-medium's first blocks add a second, image-only attention (``attn2``, MMDiT-X
+"dual attention"), 3.5-large is deeper.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,10 @@ T5_DIM = 2 * CLIP_HIDDEN  # the pipeline pads the concatenated CLIP hidden state
 SD3_MAX_SEQUENCE_LENGTH = 32
 
 
-def sd3_transformer(seed: int, num_layers: int = 4) -> SD3Transformer2DModel:
-    """SD 3.0 layout (patch 2, 16 latent channels); the last of ``transformer_blocks`` is context_pre_only."""
+def sd3_transformer(seed: int, num_layers: int = 4, **extra) -> SD3Transformer2DModel:
+    """SD 3.0 layout (patch 2, 16 latent channels); the last of ``transformer_blocks`` is context_pre_only.
+
+    ``extra``: further SD3Transformer2DModel options (SD 3.5: ``qk_norm``, ``dual_attention_layers``)."""
     seed_for(seed, "transformer")
     heads, head_dim = 4, 8
     return SD3Transformer2DModel(
@@ -28,11 +35,12 @@ def sd3_transformer(seed: int, num_layers: int = 4) -> SD3Transformer2DModel:
         caption_projection_dim=heads * head_dim,
         pooled_projection_dim=2 * CLIP_PROJ,
         pos_embed_max_size=16,
+        **extra,
     ).eval()
 
 
-def make_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
-    transformer = sd3_transformer(seed)
+def make_sd3(seed: int = 0, **transformer_options) -> StableDiffusion3Pipeline:
+    transformer = sd3_transformer(seed, **transformer_options)
     te, tok = clip_text_model(seed, "text_encoder", hidden_size=CLIP_HIDDEN, layers=3, projection_dim=CLIP_PROJ)
     te2, tok2 = clip_text_model(
         seed, "text_encoder_2", hidden_size=CLIP_HIDDEN, layers=3, projection_dim=CLIP_PROJ, hidden_act="gelu"
@@ -60,6 +68,16 @@ def make_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder_3=te3,
         tokenizer_3=tok3,
     )
+
+
+def make_sd35_medium(seed: int = 0) -> StableDiffusion3Pipeline:
+    """SD3.5-medium-shaped: RMS q/k norms, dual attention in the first half of the blocks (real: 13 of 24)."""
+    return make_sd3(seed, num_layers=4, qk_norm="rms_norm", dual_attention_layers=(0, 1))
+
+
+def make_sd35_large(seed: int = 0) -> StableDiffusion3Pipeline:
+    """SD3.5-large-shaped: RMS q/k norms, no dual attention, deeper than the SD 3.0 tiny (real: 38 blocks)."""
+    return make_sd3(seed, num_layers=6, qk_norm="rms_norm")
 
 
 def sd3_kwargs(steps, seed, device, output_type, size=64):

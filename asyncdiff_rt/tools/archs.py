@@ -1,6 +1,7 @@
-"""The real architectures with random weights: SD1.5, SD2.1, SDXL UNets and SD3-medium's transformer, with
-real-config VAEs, as whole diffusers pipelines that take prompt embeddings directly (no text encoders, no
-downloads). Speed does not depend on weight values (DESIGN §8), so benchmarks and `asyncdiff-rt plan` use these.
+"""The real architectures with random weights: SD1.5, SD2.1, SDXL UNets, the SD3-medium, SD3.5-medium,
+SD3.5-large and FLUX.1-dev / -schnell transformers, with real-config VAEs, as whole diffusers pipelines that take
+prompt embeddings directly (no text encoders, no downloads). Speed does not depend on weight values (DESIGN §8),
+so benchmarks and `asyncdiff-rt plan` use these.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ __all__ = [
     "SD21",
     "SDXL",
     "SD3_MEDIUM",
+    "SD35_MEDIUM",
+    "SD35_LARGE",
+    "FLUX_DEV",
+    "FLUX_SCHNELL",
     "build_architecture",
     "build_pipeline",
     "prompt_kwargs",
@@ -133,14 +138,66 @@ SD3_MEDIUM = dict(
     pos_embed_max_size=192,
 )
 
+# stabilityai/stable-diffusion-3.5-medium, transformer/config.json: MMDiT-X, dual attention in blocks 0-12
+SD35_MEDIUM = dict(
+    SD3_MEDIUM,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+
+# stabilityai/stable-diffusion-3.5-large, transformer/config.json
+SD35_LARGE = dict(
+    SD3_MEDIUM,
+    num_layers=38,
+    num_attention_heads=38,
+    caption_projection_dim=2432,
+    qk_norm="rms_norm",
+)
+
+# black-forest-labs/FLUX.1-dev, transformer/config.json: 19 double-stream then 38 single-stream blocks, 11.9 B
+# parameters (a double block 339.8 M, a single one 141.6 M)
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+# black-forest-labs/FLUX.1-schnell: the same without the guidance embedding
+FLUX_SCHNELL = dict(FLUX_DEV, guidance_embeds=False)
+
 # name -> (diffusers class, config): real architectures, built with random weights for plans and benchmarks
 ARCHITECTURES = {
     "sd15": ("UNet2DConditionModel", SD15),
     "sd21": ("UNet2DConditionModel", SD21),
     "sdxl": ("UNet2DConditionModel", SDXL),
     "sd3": ("SD3Transformer2DModel", SD3_MEDIUM),
+    "sd35_medium": ("SD3Transformer2DModel", SD35_MEDIUM),
+    "sd35_large": ("SD3Transformer2DModel", SD35_LARGE),
+    "flux": ("FluxTransformer2DModel", FLUX_DEV),
+    "flux_schnell": ("FluxTransformer2DModel", FLUX_SCHNELL),
 }
 
+
+_SD3_VAE = {
+    **_SD_VAE,
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "shift_factor": 0.0609,
+    "scaling_factor": 1.5305,
+}
+
+# black-forest-labs/FLUX.1-dev, vae/config.json
+_FLUX_VAE = {**_SD3_VAE, "shift_factor": 0.1159, "scaling_factor": 0.3611}
 
 # whole pipelines: the denoiser's config above, a real-config VAE, and the text embeddings' shapes
 ARCHS: dict[str, dict[str, Any]] = {
@@ -164,20 +221,38 @@ ARCHS: dict[str, dict[str, Any]] = {
     "sd3": dict(
         size=1024,
         transformer=SD3_MEDIUM,
-        vae={
-            **_SD_VAE,
-            "latent_channels": 16,
-            "sample_size": 1024,
-            "use_quant_conv": False,
-            "use_post_quant_conv": False,
-            "shift_factor": 0.0609,
-            "scaling_factor": 1.5305,
-        },
+        vae=_SD3_VAE,
         text_dim=4096,
         text_len=333,  # 77 CLIP + 256 T5 tokens
         pooled_dim=2048,
     ),
+    # SD3.5 rides on the SD3 pipeline: the same text encoders, VAE and scheduler
+    "sd35_medium": dict(size=1024, transformer=SD35_MEDIUM, vae=_SD3_VAE, text_dim=4096, text_len=333, pooled_dim=2048),
+    "sd35_large": dict(size=1024, transformer=SD35_LARGE, vae=_SD3_VAE, text_dim=4096, text_len=333, pooled_dim=2048),
+    # FLUX.1: T5 embeddings (512 tokens) and CLIP's pooled output are all the transformer sees of the prompt;
+    # guidance-distilled, so no negative embeddings unless asked for (true CFG, `prompt_kwargs(negative=True)`)
+    "flux": dict(
+        size=1024,
+        transformer=FLUX_DEV,
+        vae=_FLUX_VAE,
+        text_dim=4096,
+        text_len=512,
+        pooled_dim=768,
+        negative=False,
+    ),
+    "flux_schnell": dict(
+        size=1024,
+        transformer=FLUX_SCHNELL,
+        vae=_FLUX_VAE,
+        text_dim=4096,
+        text_len=512,  # the pipeline's default max_sequence_length (schnell's model card passes 256)
+        pooled_dim=768,
+        negative=False,
+    ),
 }
+
+# the pipeline class of each transformer-based architecture (the others are UNet pipelines)
+_DIT_PIPELINES = {"SD3Transformer2DModel": "StableDiffusion3Pipeline", "FluxTransformer2DModel": "FluxPipeline"}
 
 
 def build_architecture(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
@@ -196,6 +271,32 @@ def default_size(name: str) -> int:
     return ARCHS[name]["size"]
 
 
+def _scheduler(name: str, spec: dict[str, Any]) -> Any:
+    import diffusers as d
+
+    if name == "flux":  # FLUX.1-dev: sigmas shifted by the image's sequence length
+        return d.FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    if name == "flux_schnell":
+        return d.FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    if "transformer" in spec:  # SD3, SD3.5
+        return d.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return d.EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type=spec.get("prediction_type", "epsilon"),
+    )
+
+
 def build_pipeline(name: str, dtype: torch.dtype = torch.float16, device: str = "cuda", seed: int = 0) -> Any:
     """A diffusers pipeline of the real architecture `name` with random weights (no text encoders)."""
     import diffusers as d
@@ -204,32 +305,17 @@ def build_pipeline(name: str, dtype: torch.dtype = torch.float16, device: str = 
         raise ValueError(f"unknown architecture {name!r}: one of {', '.join(ARCHS)}")
     spec = ARCHS[name]
     torch.manual_seed(seed)
-    if name == "sd3":
-        scheduler = d.FlowMatchEulerDiscreteScheduler(shift=3.0)
-    else:
-        scheduler = d.EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            timestep_spacing="leading",
-            steps_offset=1,
-            prediction_type=spec.get("prediction_type", "epsilon"),
-        )
-    with torch.device(device):  # weights made where they live: no host copy of 2.6B parameters
+    scheduler = _scheduler(name, spec)
+    with torch.device(device):  # weights made where they live: no host copy of billions of parameters
         vae = d.AutoencoderKL(**spec["vae"])
-        if name == "sd3":
-            denoiser = d.SD3Transformer2DModel.from_config(spec["transformer"])
-            pipe = d.StableDiffusion3Pipeline(
-                transformer=denoiser,
-                scheduler=scheduler,
-                vae=vae,
-                text_encoder=None,
-                tokenizer=None,
-                text_encoder_2=None,
-                tokenizer_2=None,
-                text_encoder_3=None,
-                tokenizer_3=None,
-            )
+        if "transformer" in spec:
+            cls_name = ARCHITECTURES[name][0]
+            denoiser = getattr(d, cls_name).from_config(spec["transformer"])
+            pipeline_cls = getattr(d, _DIT_PIPELINES[cls_name])
+            no_text = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
+            if pipeline_cls is d.StableDiffusion3Pipeline:
+                no_text.update(text_encoder_3=None, tokenizer_3=None)
+            pipe = pipeline_cls(transformer=denoiser, scheduler=scheduler, vae=vae, **no_text)
         else:
             denoiser = d.UNet2DConditionModel.from_config(spec["unet"])
             if name == "sdxl":
@@ -257,9 +343,16 @@ def build_pipeline(name: str, dtype: torch.dtype = torch.float16, device: str = 
     return pipe
 
 
-def prompt_kwargs(name: str, pipe: Any, batch: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Random prompt embeddings of the right shapes (what the text encoders would return) and the call size."""
+def prompt_kwargs(name: str, pipe: Any, batch: int = 1, seed: int = 0, negative: bool | None = None) -> dict[str, Any]:
+    """Random prompt embeddings of the right shapes (what the text encoders would return) and the call size.
+
+    negative: also negative embeddings (classifier-free guidance). Default: as the model runs by default (yes,
+    except for the guidance-distilled FLUX.1); for FLUX, True also sets ``true_cfg_scale`` 4 (its pipeline runs
+    CFG only above 1, calling the transformer twice per step).
+    """
     spec = ARCHS[name]
+    if negative is None:
+        negative = spec.get("negative", True)
     dev, dtype = pipe._execution_device, pipe.vae.dtype
     g = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -268,11 +361,15 @@ def prompt_kwargs(name: str, pipe: Any, batch: int = 1, seed: int = 0) -> dict[s
 
     kwargs: dict[str, Any] = {
         "prompt_embeds": rand(batch, spec["text_len"], spec["text_dim"]),
-        "negative_prompt_embeds": rand(batch, spec["text_len"], spec["text_dim"]),
         "height": spec["size"],
         "width": spec["size"],
     }
+    if negative:
+        kwargs["negative_prompt_embeds"] = rand(batch, spec["text_len"], spec["text_dim"])
     if "pooled_dim" in spec:
         kwargs["pooled_prompt_embeds"] = rand(batch, spec["pooled_dim"])
-        kwargs["negative_pooled_prompt_embeds"] = rand(batch, spec["pooled_dim"])
+        if negative:
+            kwargs["negative_pooled_prompt_embeds"] = rand(batch, spec["pooled_dim"])
+    if negative and name.startswith("flux"):
+        kwargs["true_cfg_scale"] = 4.0
     return kwargs
