@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .base import ModelAdapter, class_forward
-from .dit import SD3Adapter
+from .dit import FluxAdapter, SD3Adapter
 from .unet import MotionUNetAdapter, UNetAdapter, VideoUNetAdapter
 
 __all__ = [
@@ -29,6 +29,7 @@ _BY_CLASS: dict[str, type[ModelAdapter]] = {
     "UNetMotionModel": MotionUNetAdapter,
     "UNet3DConditionModel": MotionUNetAdapter,
     "SD3Transformer2DModel": SD3Adapter,
+    "FluxTransformer2DModel": FluxAdapter,
 }
 
 

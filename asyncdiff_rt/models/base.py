@@ -81,6 +81,7 @@ class ModelAdapter:
     timestep_divisor: float = 1.0  # the pipeline passes τ[k] / timestep_divisor (FLUX: 1000)
     replicated: frozenset[str] = field(default_factory=frozenset)  # top-level modules never listed as blocks
     guidance_in_batch: bool = True  # CFG doubles the batch (False: guidance-distilled, e.g. FLUX.1-dev)
+    unbatched: frozenset[str] = frozenset()  # tensor arguments without a batch axis (FLUX's position ids)
 
     def __post_init__(self) -> None:
         self.replicated = REPLICATED_TOP_LEVEL & {n for n, _ in self.denoiser.named_children()}

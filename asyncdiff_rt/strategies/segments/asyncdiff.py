@@ -302,6 +302,13 @@ class AsyncDiff:
                     f"{option}={kwargs[option]!r} calls the denoiser more than once per step, which asynchronous "
                     "denoising cannot schedule: leave it unset"
                 )
+        if (kwargs.get("true_cfg_scale") or 1.0) > 1 and (
+            kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
+        ):
+            raise ConfigError(
+                "true_cfg_scale > 1 with a negative prompt calls the transformer twice per step (FLUX true CFG), "
+                "which the segments strategy cannot schedule: leave true_cfg_scale at 1"
+            )
         _check_not_offloaded(self.denoiser)
         param = next(self.denoiser.parameters())
         if param.device != self.device or param.dtype != self.dtype:
@@ -321,8 +328,12 @@ class AsyncDiff:
             self.guard.finish()
         self.stepper.reset()
 
+    def _sample(self, bound: Any) -> torch.Tensor:
+        arguments = bound.arguments
+        return arguments.get(self.adapter.sample_arg, next(iter(arguments.values())))
+
     def _begin_loop(self, bound: Any) -> None:
-        sample = next(iter(bound.arguments.values()))
+        sample = self._sample(bound)
         tau = loop_timesteps(self.pipe.scheduler)
         tau_host = [float(x) for x in tau.detach().cpu()]  # one read per call, before the loop
         self.guard.begin_loop(tau_host, bound, sample)
@@ -341,7 +352,7 @@ class AsyncDiff:
             bound = self._timestep_arg.bind(args, kwargs)
             if k == 0:
                 self._begin_loop(bound)
-            self.guard.check_step(k, bound, next(iter(bound.arguments.values())))
+            self.guard.check_step(k, bound, self._sample(bound))
             return self.stepper.step(k, original, bound, args, kwargs)
 
         return forward
