@@ -143,8 +143,13 @@ def conv_forward(ex: PatchExchange, name: str, module: torch.nn.Conv2d, original
 # ---- GroupNorm ----------------------------------------------------------------------------------------------------
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    # Moments of half-precision inputs in float32, as torch's GroupNorm accumulates; float64 stays float64.
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = x.reshape(x.shape[0], groups, -1).float()
+    flat = _wide(x.reshape(x.shape[0], groups, -1))
     return flat.mean(-1), flat.square().mean(-1)
 
 
@@ -174,11 +179,11 @@ def group_norm_forward(
 
 def _normalise(x: torch.Tensor, module: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     b, g = x.shape[0], module.num_groups
-    flat = x.reshape(b, g, -1).float()
+    flat = _wide(x.reshape(b, g, -1))
     y = ((flat - mean[..., None]) * torch.rsqrt(var[..., None] + module.eps)).reshape(x.shape)
     if module.affine:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = y * module.weight.float().reshape(shape) + module.bias.float().reshape(shape)
+        y = y * _wide(module.weight).reshape(shape) + _wide(module.bias).reshape(shape)
     return y.to(x.dtype)
 
 
