@@ -200,9 +200,9 @@ def _run_views(ex: PatchExchange, call) -> list:
     view(0)
     for thread in threads:
         thread.join()
-    real = [e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)]
-    if real or any(errors):
-        raise (real or [e for e in errors if e is not None])[0]
+    failed = [e for e in errors if e is not None]
+    if failed:  # the views that only saw the broken barrier are not the news
+        raise next((e for e in failed if not isinstance(e, threading.BrokenBarrierError)), failed[0])
     return results
 
 

@@ -172,8 +172,11 @@ def group_norm_forward(
             base = [(own[i] + sum(v[i] for q, v in enumerate(values) if q != p)) / ex.patches for i in (0, 1)]
         mean, sq = base
     var = sq - mean.square()
-    if rule in ("corrected", "stale"):
-        var = torch.where(var < 0, own[1] - own[0].square(), var)
+    if rule == "exact":
+        var = var.clamp_min(0)  # only rounding makes it negative (E[x^2] - E[x]^2 of near-constant groups)
+    else:  # own patch's fresh variance, two-pass so that it cannot round below zero
+        own_var = _wide(x.reshape(x.shape[0], module.num_groups, -1)).var(-1, unbiased=False)
+        var = torch.where(var < 0, own_var, var)
     return _normalise(x, module, mean, var)
 
 
