@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from .compiler.plan import Plan, PlanError, Segment, load_plan
 from .models.denoiser import DenoiserError
-from .simulators.segments import simulate
+from .simulators import simulate
 from .strategies.segments.asyncdiff import AsyncDiff, ConfigError
 from .strategies.segments.schedule import Step, make_schedule
 from .transport import TransportError

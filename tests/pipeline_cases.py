@@ -100,6 +100,16 @@ _SD3_UNEVEN = [
     ["transformer_blocks.1", "transformer_blocks.2", "transformer_blocks.3", "norm_out", "proj_out"],
 ]
 
+# FLUX.1: a cut between the double-stream blocks and inside the single-stream ones
+_FLUX = [
+    ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0"],
+    ["single_transformer_blocks.1", "single_transformer_blocks.2", "single_transformer_blocks.3", "proj_out"],
+]
+_SD35_LARGE = [
+    ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"],
+    ["transformer_blocks.3", "transformer_blocks.4", "transformer_blocks.5", "proj_out"],
+]
+
 _UPSCALE = [
     ["conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2"],
     ["down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3", "conv_out"],
@@ -119,6 +129,10 @@ PLANS: dict[str, dict[str, list[list[str]]]] = {
     "sdxl_controlnet": {"default": _SDXL_CN_BLOCKS, "replicated": _SDXL, "head_tail": _SDXL_HEAD_TAIL},
     "sd_upscale": {"default": _UPSCALE},
     "sd3": {"default": _SD3, "uneven": _SD3_UNEVEN},
+    "sd35_medium": {"default": _SD3},
+    "sd35_large": {"default": _SD35_LARGE},
+    "flux": {"default": _FLUX},
+    "flux_schnell": {"default": _FLUX},
     "svd": {"default": _UNET4},
     "animatediff": {"default": _ANIMATEDIFF},
 }  # fmt: skip

@@ -27,10 +27,9 @@ import asyncdiff_rt
 from asyncdiff_rt.tiny import KINDS
 from asyncdiff_rt.tools.launch import spawn
 
-# FLUX.1 and SD3.5 (issue 18): tiny pipelines exist, their runtime cases (adapter, plans) come with the adapter
-NOT_YET = {"flux", "flux_schnell", "sd35_medium", "sd35_large"}
-# the 8 classes (sd15 and sd21 share StableDiffusionPipeline)
-PIPELINE_KINDS = [k for k in KINDS if k != "demo" and k not in NOT_YET]
+# the 9 classes (sd15 and sd21 share StableDiffusionPipeline; FLUX.1-dev and -schnell share FluxPipeline; SD3.5
+# medium and large ride on StableDiffusion3Pipeline)
+PIPELINE_KINDS = [k for k in KINDS if k != "demo"]
 ATOL = 1e-5  # fp32, same weights and kernels (one thread each side): equal in practice
 FAR = 5e-2  # an asynchronous result differs from the exact one by more than this (measured: 0.14 .. 6)
 
@@ -64,6 +63,7 @@ VARIANTS_2 = {
     "sdxl": [{"steps": 5, "call": {"num_images_per_prompt": 2}}],
     "sd3": [{"call": {**BATCH2, **cfg_off("sd3")}}],
     "sdxl_controlnet": [{"callback": "record"}],
+    "flux": [{"steps": 5, "callback": "record"}],
     "sd21": [{"steps": 3, "warm_up": 3, "expect": "exact"}],  # warm_up == steps (DDIM: one call per step)
 }
 
@@ -77,6 +77,7 @@ CASES_2 = [dict(kind=k, calls=[{}, EXACT] + VARIANTS_1.get(k, [])) for k in PIPE
     dict(kind="sdxl_controlnet", plan="replicated", controlnet="replicated", calls=[{"call": {"guess_mode": True}}]),
     dict(kind="sdxl_controlnet", calls=[{"call": {"guess_mode": True}}, {"call": cfg_off("sdxl_controlnet")}]),
     dict(kind="sd3", plan="uneven"),
+    dict(kind="flux", time_shift=True, calls=[{"steps": 5}]),
     # schedulers that call the denoiser twice per step: refused at construction and at call, on every rank
     dict(kind="sd15", scheduler_before="KDPM2DiscreteScheduler", expect_error=DENOISER_CALLS_2),
     dict(kind="sdxl", swap_scheduler="HeunDiscreteScheduler", expect_error=DENOISER_CALLS_2),
@@ -91,6 +92,7 @@ CASES_3 = [
     dict(kind="sdxl", plan="inside_up", stride=2),
     dict(kind="sdxl", plan="head_tail", stride=2),
     dict(kind="sd3", stride=2, stride_eps="fresh", calls=[{"steps": 5}]),
+    dict(kind="flux", stride=2, time_shift=True, calls=[{"steps": 6, "warm_up": 2}]),
     dict(kind="svd", stride=2, drop_weights=False),
     dict(kind="sdxl_controlnet", plan="replicated", controlnet="replicated", stride=2),
 ]

@@ -54,6 +54,10 @@ SDXL_HEAD_TAIL = [
 ]
 SD3_N2 = [["transformer_blocks.0", "transformer_blocks.1"], ["transformer_blocks.2", "transformer_blocks.3"]]
 SD3_N3 = [["transformer_blocks.0"], ["transformer_blocks.1", "transformer_blocks.2"], ["transformer_blocks.3"]]
+FLUX_N2 = [
+    ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0"],
+    ["single_transformer_blocks.1", "single_transformer_blocks.2", "single_transformer_blocks.3"],
+]
 
 WORLD2 = {
     "sd15_n2": dict(kind="sd15", plan=SD_N2, steps=5),
@@ -62,6 +66,7 @@ WORLD2 = {
     "sdxl_cut_up": dict(kind="sdxl", plan=SDXL_CUT_UP, steps=5),
     "sdxl_head_tail": dict(kind="sdxl", plan=SDXL_HEAD_TAIL, steps=5),
     "sd3_n2": dict(kind="sd3", plan=SD3_N2, steps=5, bytes=True),
+    "flux_n2": dict(kind="flux", plan=FLUX_N2, steps=5, bytes=True),
     "sd15_timeline": dict(kind="sd15", plan=SD_N2, steps=5, warm_up=2, timeline=True),
     "sd15_two_calls": dict(kind="sd15", plan=SD_N2, steps=4, calls=2, debug=True),
     "sd15_full_weights": dict(kind="sd15", plan=SD_N2, steps=5, drop_weights=False),
@@ -158,6 +163,7 @@ def assert_async_matches_simulator(case: dict, rank0: dict) -> None:
         "sdxl_cut_up",
         "sdxl_head_tail",
         "sd3_n2",
+        "flux_n2",
         "sd15_full_weights",
         "sd15_shm",
         "sdxl_shm_cut_up",
@@ -197,7 +203,9 @@ def test_only_rank0_decodes(world2):
     assert image.shape[-1] == 8 * latents.shape[-1]
 
 
-@pytest.mark.parametrize("world_fixture,name", [("world2", "sdxl_n2"), ("world2", "sd3_n2"), ("world3", "sd3_n3")])
+@pytest.mark.parametrize(
+    "world_fixture,name", [("world2", "sdxl_n2"), ("world2", "sd3_n2"), ("world2", "flux_n2"), ("world3", "sd3_n3")]
+)
 def test_each_rank_holds_own_blocks_plus_replicated(request, world_fixture, name):
     for r, res in enumerate(request.getfixturevalue(world_fixture)[name]):
         assert res["status"] == "ok", res

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from asyncdiff_rt import archs
 from asyncdiff_rt.tiny import KINDS, call_kwargs, denoiser_of, expected_shape, make_pipeline, output_of
 from asyncdiff_rt.tiny.flux import (
     DOUBLE_BLOCKS,
@@ -19,6 +18,7 @@ from asyncdiff_rt.tiny.flux import (
     VAE_SHIFT_FACTOR,
     flux_true_cfg_kwargs,
 )
+from asyncdiff_rt.tools import archs
 
 NEW_KINDS = ("flux", "flux_schnell", "sd35_medium", "sd35_large")
 FLUX_KINDS = ("flux", "flux_schnell")

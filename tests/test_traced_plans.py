@@ -8,7 +8,10 @@ import torch
 from asyncdiff_rt import AsyncDiff, plan_for, simulate
 from asyncdiff_rt.tiny import call_kwargs, make_pipeline, output_of
 
-KINDS = ["sd15", "sd21", "sdxl", "sd3", "sdxl_inpaint", "sd_upscale", "sdxl_controlnet", "svd", "animatediff"]
+KINDS = [
+    "sd15", "sd21", "sdxl", "sd3", "sd35_medium", "sdxl_inpaint", "sd_upscale", "sdxl_controlnet", "svd", "animatediff",
+    "flux",
+]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +31,7 @@ def latents(pipe, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_traced_plan_runtime_equals_simulator(kind):
     pipe = make_pipeline(kind, seed=0)
-    overrides = {"max_sequence_length": 32} if kind == "sd3" else {}
+    overrides = {"max_sequence_length": 32} if kind in ("sd3", "sd35_medium", "flux") else {}
     plan = plan_for(pipe, 3, repeats=1, cache=False, **overrides)
     assert plan.model_n == 3 and len(plan.blocks) >= 3
     kw = call_kwargs(kind, steps=4, seed=0)
