@@ -34,6 +34,7 @@ from ...runtime.guards import LoopGuard
 from ...runtime.hooks import CallHook, ForwardOverrides
 from ...runtime.session import Session
 from ...runtime.timeline import Timeline
+from ..cfg import CfgSplit
 from .schedule import Step, make_schedule
 from .stepper import SegmentStepper
 from .weights import DROPPED_HELP, drop_weights, was_dropped
@@ -74,6 +75,9 @@ class AsyncDiff:
             benchmarks/README.md — "replicated" for several). Ignored for pipelines without a ControlNet.
         compile: torch.compile each rank's whole forward (owned blocks, replays and glue as one region) before
             capturing it; the first call then takes the compile time (call `prepare` first).
+        cfg_parallel: split the classifier-free-guidance batch across two halves of the ranks (world = 2 x
+            (model_n + stride - 1); with transport="local", 2 processes each running every segment): exact, and the
+            halves' segment traffic stays inside each half (strategies/cfg.py). Calls need guidance_scale > 1.
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class AsyncDiff:
         graphs: bool | None = None,
         compile: bool = False,
         controlnet: str = "auto",
+        cfg_parallel: bool = False,
     ):
         if getattr(type(pipeline), "_asyncdiff_rt_hooked", False):
             raise ConfigError("this pipeline already has an AsyncDiff attached: call .remove() on it first")
@@ -105,7 +110,7 @@ class AsyncDiff:
         try:
             self._setup(
                 pipeline, model_n, stride, warm_up, time_shift, plan, transport, group, stride_eps, timeout_s, debug,
-                drop_weights, height, width, graphs, compile,
+                drop_weights, height, width, graphs, compile, cfg_parallel,
             )  # fmt: skip
         except BaseException:
             if self._controlnet is not None:
@@ -114,7 +119,7 @@ class AsyncDiff:
 
     def _setup(
         self, pipeline, model_n, stride, warm_up, time_shift, plan, transport, group, stride_eps, timeout_s, debug,
-        drop_weights_, height, width, graphs, compile,
+        drop_weights_, height, width, graphs, compile, cfg_parallel,
     ) -> None:  # fmt: skip
         # ---- arguments: every check here runs before any communication or denoiser work (DESIGN §6)
         if plan is not None and not isinstance(plan, Plan):
@@ -135,6 +140,8 @@ class AsyncDiff:
             raise ConfigError(f"stride_eps must be 'reuse' or 'fresh', got {stride_eps!r}")
         if timeout_s <= 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
+        if not isinstance(cfg_parallel, bool):
+            raise ConfigError(f"cfg_parallel must be True or False, got {cfg_parallel!r}")
 
         self.pipe = pipeline
         self._height, self._width = height, width
@@ -165,12 +172,19 @@ class AsyncDiff:
                 )
 
         # ---- ranks, then the plan: rank 0 decides and broadcasts; every rank checks hash, dtype and device type
+        config = (model_n, stride, warm_up, time_shift, stride_eps, cfg_parallel)
         self.session = Session(
             pipeline, self.device, self.world_needed, transport, group, timeout_s,
-            f"model_n={model_n}, stride={stride}", "model_n + stride - 1",
+            f"model_n={model_n}, stride={stride}", "model_n + stride - 1", cfg_parallel,
+            {"the configuration (model_n, stride, warm_up, time_shift, stride_eps, cfg_parallel)": config},
         )  # fmt: skip
         self.transport, self.transport_name = self.session.transport, self.session.transport_name
-        self.rank, self.world_size = self.session.rank, self.session.world_size
+        self.rank, self.world_size = self.session.rank, self.session.world_size  # within this guidance half
+        self.cfg = (
+            CfgSplit(self.adapter, self.session.half, self.session.partner, self.session.world)
+            if cfg_parallel
+            else None
+        )
         try:
             if plan is None and model_n == 1:
                 plan = Plan.from_spec([candidate_blocks(self.denoiser)])  # one segment: nothing to balance
@@ -182,7 +196,7 @@ class AsyncDiff:
                     "plan": plan.hash(),
                     "dtype": str(self.dtype),
                     "device": self.device.type,
-                    "config": (model_n, stride, warm_up, time_shift, stride_eps),
+                    "config": config,
                     "version": __version__,
                 }
             )
@@ -206,9 +220,8 @@ class AsyncDiff:
             self.dropped_bytes = drop_weights(self.denoiser, plan.blocks, self.stepper.views[0].owned)
             self.stepper.sequential_warm_up = self.dropped_bytes > 0
         self._timestep_arg = TimestepArg(class_forward(self.denoiser))
-        self.guard = LoopGuard(
-            self.transport if self.world_size > 1 else None, self.debug, self.adapter.timestep_divisor
-        )
+        gathers = self.session.world if self.session.distributed else None
+        self.guard = LoopGuard(gathers, self.debug, self.adapter.timestep_divisor)
         self._k = 0
         self._overrides = ForwardOverrides()
         modules = dict(self.denoiser.named_modules())
@@ -237,7 +250,7 @@ class AsyncDiff:
 
     def gather_timeline(self) -> list[list[dict[str, Any]]]:
         """Every rank's spans of the last recorded call, in rank order (a collective: call it on every rank)."""
-        return self.transport.all_gather_object(self.timeline.intervals())
+        return self.session.world.all_gather_object(self.timeline.intervals())
 
     def schedule(self, num_steps: int) -> list[Step]:
         return make_schedule(num_steps, self.model_n, self.stride, self.warm_up, self.time_shift, self.stride_eps)
@@ -289,6 +302,7 @@ class AsyncDiff:
             height=self._height,  # None: the pipeline's default size (the model adapter's default_resolution)
             width=self._width,
             repeats=20 if self.device.type == "cuda" else 3,  # CPU timings are coarse anyway
+            batch=self.adapter.default_batch(self.pipe) // 2 if self.cfg is not None else None,
             controlnet="replicated",  # install nothing more: a ControlNet listed as blocks is installed already
         )
         return plan.to_json()
@@ -320,11 +334,15 @@ class AsyncDiff:
         self.timeline.clear()
         self._call_steps = kwargs.get("num_inference_steps", self._default_steps)
         self.guard.begin_call(kwargs, self._default_steps)
+        if self.cfg is not None:
+            self.cfg.check_call(self.pipe, kwargs)
         return kwargs
 
     def _after_call(self, ok: bool) -> None:
         if ok:  # a transport that released a dead peer's wait only says so at its next call: ask it now
             self.transport.synchronize()
+            if self.session.world is not self.transport:
+                self.session.world.synchronize()
             self.guard.finish()
         self.stepper.reset()
 
@@ -332,11 +350,13 @@ class AsyncDiff:
         arguments = bound.arguments
         return arguments.get(self.adapter.sample_arg, next(iter(arguments.values())))
 
-    def _begin_loop(self, bound: Any) -> None:
+    def _begin_loop(self, bound: Any, split: Any) -> None:
+        """`bound`: the pipeline's call, checked for agreement; `split`: what this rank computes from."""
         sample = self._sample(bound)
         tau = loop_timesteps(self.pipe.scheduler)
         tau_host = [float(x) for x in tau.detach().cpu()]  # one read per call, before the loop
         self.guard.begin_loop(tau_host, bound, sample)
+        bound = split
         st = self.stepper
         st.tau, st.tau_values = tau.to(sample.device), tau_host  # substituted per step: no host copy then
         st.warm_up = effective_warm_up(self.warm_up, self._call_steps, len(tau_host))
@@ -349,11 +369,16 @@ class AsyncDiff:
         def forward(*args: Any, **kwargs: Any) -> Any:
             k = self._k
             self._k += 1
-            bound = self._timestep_arg.bind(args, kwargs)
+            full = self._timestep_arg.bind(args, kwargs)
+            bound = full
+            if self.cfg is not None:
+                args, kwargs = self.cfg.split(self.pipe, full, self._sample(full))
+                bound = self._timestep_arg.bind(args, kwargs)
             if k == 0:
-                self._begin_loop(bound)
-            self.guard.check_step(k, bound, self._sample(bound))
-            return self.stepper.step(k, original, bound, args, kwargs)
+                self._begin_loop(full, bound)
+            self.guard.check_step(k, full, self._sample(full))
+            out = self.stepper.step(k, original, bound, args, kwargs)
+            return self.cfg.join(out, k) if self.cfg is not None else out
 
         return forward
 

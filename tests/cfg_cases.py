@@ -1,0 +1,129 @@
+"""Worker side of the CFG-parallel tests (tests/test_cfg_parallel.py). Pipelines in float64, so that computing
+the guidance halves apart (batch 1 against batch 2 kernels) rounds at 1e-10, far below what a wrong split moves.
+
+A case: kind, model_n, stride, plan (None: one segment), transport, cfg (cfg_parallel), calls (pipeline calls in a
+row), call (extra call kwargs), kill_rank (that rank exits at step 2), rank_cfg (cfg_parallel per rank).
+Every rank returns per case ("ok", [latents per call]) or ("error", type name, message).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DTYPE = torch.float64
+
+
+def pipe_of(kind: str):
+    from asyncdiff_rt.tiny import make_pipeline
+
+    return make_pipeline(kind, seed=0, dtype=DTYPE)
+
+
+def call_kwargs(case: dict, rank: int = 0) -> dict:
+    from asyncdiff_rt.tiny import call_kwargs as tiny_kwargs
+
+    kwargs = tiny_kwargs(case["kind"], steps=case.get("steps", 4), seed=0)
+    kwargs["output_type"] = "latent"
+    kwargs.update(case.get("call", {}))
+    if case.get("kill_rank") == rank:
+
+        def die(pipe, i, t, callback_kwargs):
+            if i == 2:
+                os._exit(3)  # a partner dying mid-run, without a word
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = die
+    return kwargs
+
+
+def latents(out) -> torch.Tensor:
+    from asyncdiff_rt.tiny import output_of
+
+    return output_of(out).detach().clone()
+
+
+def run_cases(rank: int, world: int, cases: list[dict]) -> list:
+    torch.set_num_threads(1)
+    from asyncdiff_rt import AsyncDiff
+
+    results = []
+    for case in cases:
+        pipe = pipe_of(case["kind"])
+        ad = None
+        try:
+            cfg = case.get("rank_cfg", [True] * world)[rank] if "rank_cfg" in case else case.get("cfg", True)
+            ad = AsyncDiff(
+                pipe,
+                model_n=case.get("model_n", 1),
+                stride=case.get("stride", 1),
+                warm_up=case.get("warm_up", 1),
+                plan=case.get("plan"),
+                transport=case.get("transport", "gloo"),
+                timeout_s=case.get("timeout_s", 60),
+                cfg_parallel=cfg,
+            )
+            outs = []
+            for _ in range(case.get("calls", 1)):
+                with torch.no_grad():
+                    outs.append(latents(pipe(**call_kwargs(case, rank))))
+            results.append(("ok", outs))
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            results.append(("error", type(err).__name__, str(err)))
+        finally:
+            if ad is not None:
+                ad.remove()
+    return results
+
+
+def halves_reference(case: dict) -> torch.Tensor:
+    """Plain diffusers with the denoiser run once per guidance half (what CFG parallelism computes), written
+    apart from the runtime: every tensor argument whose leading size is a multiple of the batch is halved."""
+    pipe = pipe_of(case["kind"])
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    forward = denoiser.forward
+
+    def per_half(*args, **kwargs):
+        sample = args[0] if args else next(iter(kwargs.values()))
+        batch = sample.shape[0]
+
+        def half(x, h):
+            if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] % batch == 0:
+                n = x.shape[0] // 2
+                return x[h * n : (h + 1) * n]
+            if isinstance(x, dict):
+                return {k: half(v, h) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(half(v, h) for v in x)
+            return x
+
+        outs = [forward(*half(list(args), h), **half(kwargs, h)) for h in (0, 1)]
+        first = [o if isinstance(o, torch.Tensor) else o[0] for o in outs]
+        eps = torch.cat(first)
+        return eps if isinstance(outs[0], torch.Tensor) else (eps,)
+
+    denoiser.forward = per_half
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        return latents(pipe(**call_kwargs(case)))
+
+
+def simulated(case: dict) -> torch.Tensor:
+    from asyncdiff_rt import simulate
+
+    pipe = pipe_of(case["kind"])
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        out = simulate(
+            pipe, plan=case["plan"], stride=case.get("stride", 1), warm_up=case.get("warm_up", 1),
+            cfg_parallel=True, **call_kwargs(case),
+        )  # fmt: skip
+    return latents(out)
+
+
+def plain(case: dict) -> torch.Tensor:
+    pipe = pipe_of(case["kind"])
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        return latents(pipe(**call_kwargs(case)))
