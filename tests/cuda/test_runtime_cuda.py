@@ -146,3 +146,40 @@ def test_controlnet_blocks_local_graphs_equal_simulator():
     ad.remove()
     torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind,stride", [("sdxl", 1), ("sdxl", 2), ("sd3", 1)])
+def test_prepare_captures_what_the_first_call_needs(kind, stride):
+    """After `prepare` with the call's own arguments, the first real call captures no new graph (issue 13)."""
+    pipe = make_pipeline(kind, device="cuda")
+    kw = call_kwargs(kind, steps=6, seed=0, device="cuda")
+    kw["output_type"] = "latent"
+    ad = AsyncDiff(pipe, plan=PLANS[kind], stride=stride, warm_up=2, transport="local", graphs=True)
+    same = {k: v for k, v in kw.items() if k not in ("generator", "num_inference_steps", "height", "width")}
+    ad.prepare(height=kw.get("height"), width=kw.get("width"), **same)
+    prepared = ad.captures
+    assert prepared > 0, "prepare captured nothing"
+    got = output_of(pipe(**kw))
+    assert ad.captures == prepared, f"the first call captured {ad.captures - prepared} new graph(s)"
+    ad.remove()
+    kw = call_kwargs(kind, steps=6, seed=0, device="cuda")
+    kw["output_type"] = "latent"
+    expected = output_of(simulate(pipe, plan=PLANS[kind], stride=stride, warm_up=2, **kw))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_flux_local_graphs_equal_simulator():
+    """FLUX.1 on the graph path: τ substituted as τ / 1000 in the latents' dtype (issue 18)."""
+    from asyncdiff_rt.compiler.blocks import candidate_blocks
+
+    pipe = make_pipeline("flux", device="cuda")
+    blocks = candidate_blocks(pipe.transformer)
+    plan = [blocks[:3], blocks[3:]]
+    kw = call_kwargs("flux", steps=6, seed=0, device="cuda")
+    kw["output_type"] = "latent"
+    expected = output_of(simulate(pipe, plan=plan, warm_up=2, time_shift=True, **kw))
+    ad = AsyncDiff(pipe, plan=plan, warm_up=2, time_shift=True, transport="local", graphs=True)
+    got = latents(pipe, "flux")
+    assert ad.captures > 0
+    ad.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
