@@ -101,7 +101,12 @@ def halves_reference(case: dict) -> torch.Tensor:
         outs = [forward(*half(list(args), h), **half(kwargs, h)) for h in (0, 1)]
         first = [o if isinstance(o, torch.Tensor) else o[0] for o in outs]
         eps = torch.cat(first)
-        return eps if isinstance(outs[0], torch.Tensor) else (eps,)
+        if isinstance(outs[0], torch.Tensor):
+            return eps
+        if isinstance(outs[0], tuple):
+            return (eps, *outs[0][1:])
+        outs[0].sample = eps  # a diffusers output object (return_dict=True: AnimateDiff's pipeline reads .sample)
+        return outs[0]
 
     denoiser.forward = per_half
     torch.set_num_threads(1)
