@@ -43,6 +43,7 @@ def pipeline_kwargs(case: dict, rank: int = 0) -> dict:
     )
     kwargs["output_type"] = case.get("output_type", "latent")
     kwargs.update(case.get("call", {}))
+    kwargs.update(case.get("rank_call", {}).get(rank, {}))  # one rank calls differently: must be refused
     if case.get("no_generator"):
         kwargs.pop("generator", None)
     if case.get("kill_rank") == rank:
@@ -161,5 +162,11 @@ def run_cases(rank: int, world: int, cases: list[dict]):
         finally:
             if ad is not None:
                 ad.remove()
+        if case.get("call_after_remove") and result["status"] == "ok":
+            try:  # the pipeline lost other ranks' weights: its next call must say so, not fail inside torch
+                call(case, pipe, rank)
+                result["after_remove"] = ("ok", "")
+            except Exception as err:  # noqa: BLE001
+                result["after_remove"] = (type(err).__name__, str(err))
         results.append(result)
     return results

@@ -89,6 +89,12 @@ WORLD2 = {
     "bad_batch_change": dict(kind="sd15", plan=SD_N2, steps=4, callback="drop_cfg"),
     "bad_scheduler_swap": dict(kind="sd15", plan=SD_N2, steps=3, schedule_swap=True),
     "bad_skip_layers": dict(kind="sd3", plan=SD3_N2, steps=3, call={"skip_guidance_layers": [1]}),
+    # one rank calls the pipeline with other arguments: named at the first step (issue 14)
+    "bad_call_steps": dict(kind="sd15", plan=SD_N2, steps=3, rank_call={1: {"num_inference_steps": 4}}),
+    "bad_call_height": dict(kind="sd15", plan=SD_N2, steps=3, rank_call={1: {"height": 128, "width": 128}}),
+    "bad_call_prompt": dict(kind="sd15", plan=SD_N2, steps=3, rank_call={1: {"prompt": "another prompt"}}),
+    "bad_call_guidance": dict(kind="sd15", plan=SD_N2, steps=3, rank_call={1: {"guidance_scale": 3.0}}),
+    "sd15_call_after_remove": dict(kind="sd15", plan=SD_N2, steps=3, call_after_remove=True),
 }
 WORLD3 = {
     "sd15_n3": dict(kind="sd15", plan=SD_N3, steps=5),
@@ -227,7 +233,18 @@ BAD = {
     "bad_batch_change": ("ConfigError", "batch changed"),
     "bad_scheduler_swap": ("DenoiserError", "calls the denoiser 2 times per step"),
     "bad_skip_layers": ("ConfigError", "skip_guidance_layers"),
+    "bad_call_steps": ("ConfigError", "ranks disagree on the number of steps"),
+    "bad_call_height": ("ConfigError", "ranks disagree on the image size"),
+    "bad_call_prompt": ("ConfigError", "ranks disagree on the prompt"),
+    "bad_call_guidance": ("ConfigError", "ranks disagree on the guidance scale"),
 }
+
+
+def test_call_after_remove_with_dropped_weights_says_why(world2):
+    for res in world2["sd15_call_after_remove"]:
+        assert res["status"] == "ok", res
+        kind, message = res["after_remove"]
+        assert kind == "ConfigError" and "drop_weights" in message and "load the pipeline again" in message, message
 
 
 @pytest.mark.parametrize("name", list(BAD))
