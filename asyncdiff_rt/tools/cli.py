@@ -111,8 +111,10 @@ def _run(argv: list[str]) -> int:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"), help="auto: float16 on CUDA, "
-        "float32 on a CPU (float16 is slow or unsupported there)"
+        "--dtype",
+        default="auto",
+        choices=("auto", "float16", "bfloat16", "float32"),
+        help="auto: float16 on CUDA, float32 on a CPU (float16 is slow or unsupported there)",
     )
     p.add_argument("--plan", default=None, help="a saved plan (JSON) to use instead of planning")
     p.add_argument("--out", default="output.png")

@@ -186,7 +186,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
         path = os.path.join(cfg.out, "timeline.png")
         draw_timeline(
-            result["timeline"], path, f"demo: model_n={cfg.model_n}, stride={cfg.stride}, warm_up={cfg.warm_up}"
+            result["timeline"],
+            path,
+            f"demo: model_n={cfg.model_n}, stride={cfg.stride}, warm_up={cfg.warm_up}",
+            steps=cfg.steps,
         )
         print(f"timeline of the asynchronous run (compute and exposed communication per rank): {path}")
     except ImportError:

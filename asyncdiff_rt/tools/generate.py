@@ -5,9 +5,10 @@
 One process per rank (torchrun). Not under torchrun, it starts the `model_n + stride - 1` worker processes itself
 (`asyncdiff_rt.tools.launch.spawn`), or with `--transport local` runs every segment in this one process. Each rank
 loads `DiffusionPipeline.from_pretrained(model, dtype=...)` (float16 on CUDA, float32 on a CPU by default) onto
-cuda:LOCAL_RANK (the CPU without CUDA), attaches `AsyncDiff`, and calls the pipeline; rank 0 saves the image (PNG) or the video (GIF, or one PNG per
-frame) and prints the latency. Text-to-image and text-to-video pipelines only: pipelines that need an input
-image (inpainting, upscaling, ControlNet, image-to-video) have example scripts in examples/ that take them.
+cuda:LOCAL_RANK (the CPU without CUDA), attaches `AsyncDiff`, and calls the pipeline; rank 0 saves the image (PNG)
+or the video (GIF, or one PNG per frame) and prints the latency. Text-to-image and text-to-video pipelines only:
+pipelines that need an input image (inpainting, upscaling, ControlNet, image-to-video) have example scripts in
+examples/ that take them.
 
 The helpers here (device, dtype, launching, saving) are shared with the example scripts (examples/common.py).
 """
