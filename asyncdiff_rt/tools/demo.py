@@ -145,8 +145,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(
         f"demo: built-in tiny SD-shaped pipeline with random weights, {cfg.steps} steps, model_n={cfg.model_n}, "
         f"stride={cfg.stride}, warm_up={cfg.warm_up}, {world} process(es)\n"
-        "  random weights: the images are coloured noise and look alike on purpose; what matters is how close the "
-        "asynchronous one is to the sequential one (the fidelity line)"
+        "  random weights: the images are coloured noise and look alike; what matters is how close the asynchronous\n"
+        "  one is to the sequential one (the fidelity line), and that the runtime matches the simulator"
     )
     if under_torchrun:  # the ranks are there already: time the sequential side here, with a rank's threads
         exact, t_exact = _timed(make_pipeline("demo", seed=cfg.seed), cfg)
