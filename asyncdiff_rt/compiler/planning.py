@@ -31,7 +31,7 @@ COST_MODELS = ("auto", "measured", "flops")
 
 
 def resolve_cost_model(cost: str, device: torch.device | str | None) -> str:
-    """"auto" -> "measured" on CUDA (the figures that matter), "flops" on a CPU or meta (timing there is slow, needs
+    """ "auto" -> "measured" on CUDA (the figures that matter), "flops" on a CPU or meta (timing there is slow, needs
     the weights in memory, and does not predict a GPU); "measured" and "flops" stay."""
     if cost not in COST_MODELS:
         raise ValueError(f"cost must be one of {', '.join(COST_MODELS)}, got {cost!r}")

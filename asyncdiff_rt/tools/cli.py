@@ -59,10 +59,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; errors we raise on purpose print one line `asyncdiff-rt: error: ...` and return 2 (with
-    --debug anywhere on the line, or ASYNCDIFF_RT_DEBUG=1, they raise with their traceback instead)."""
+    --debug anywhere on the line, or ASYNCDIFF_RT_TRACEBACK=1, they raise with their traceback instead)."""
     quiet_third_party()
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("ASYNCDIFF_RT_DEBUG", "") not in ("", "0")
+    debug = "--debug" in argv or os.environ.get("ASYNCDIFF_RT_TRACEBACK", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:
         return _run(argv)

@@ -46,8 +46,8 @@ class DemoConfig:
             raise ConfigError(f"--stride must be 1 or 2, got {self.stride}")
         if self.steps < 1:
             raise ConfigError(f"--steps must be 1 or more, got {self.steps}")
-        if self.warm_up < 0:
-            raise ConfigError(f"--warm_up must be 0 or more, got {self.warm_up}")
+        if self.warm_up < 1:
+            raise ConfigError(f"--warm_up must be 1 or more (exact steps first), got {self.warm_up}")
         if self.transport == "nccl" and not torch.cuda.is_available():
             raise ConfigError(
                 "--transport nccl needs CUDA GPUs and none is visible; on a CPU use gloo, shm or local "
