@@ -28,7 +28,15 @@ from typing import Any
 
 import torch
 
-from asyncdiff_rt.tools.generate import DEFAULT_PROMPT, pick_device, pick_dtype, run_ranks, save_output, synchronize
+from asyncdiff_rt.tools.generate import (
+    DEFAULT_PROMPT,
+    from_pretrained_kwargs,
+    pick_device,
+    pick_dtype,
+    run_ranks,
+    save_output,
+    synchronize,
+)
 from asyncdiff_rt.tools.launch import WorkerError
 from asyncdiff_rt.tools.user_errors import worker_is_user_error, worker_message
 
@@ -113,7 +121,9 @@ def _load(spec: dict, args: argparse.Namespace, device: torch.device, dtype: tor
 
     cls = getattr(diffusers, spec["pipeline_class"])
     extra = components(args, dtype) if components is not None else {}
-    return cls.from_pretrained(args.model, dtype=dtype, **extra).to(device)
+    return cls.from_pretrained(args.model, **from_pretrained_kwargs(dtype, int(os.environ.get("RANK", 0))), **extra).to(
+        device
+    )
 
 
 def _call_kwargs(spec: dict, pipe: Any, args: argparse.Namespace, device: torch.device, inputs) -> dict[str, Any]:

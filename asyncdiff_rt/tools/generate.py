@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "save_output",
     "output_items",
     "synchronize",
+    "from_pretrained_kwargs",
 ]
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
@@ -69,6 +71,19 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def from_pretrained_kwargs(dtype: torch.dtype, rank: int = 0) -> dict[str, Any]:
+    """Keyword arguments for diffusers' from_pretrained: `dtype` (not the deprecated `torch_dtype`), and without
+    accelerate `low_cpu_mem_usage=False`, which is what diffusers falls back to anyway, minus its warning per
+    component and per rank; rank 0 says once what accelerate would bring."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is not None:
+        return {"dtype": dtype}
+    if rank == 0:
+        print("note: `pip install accelerate` loads models faster and with less memory", file=sys.stderr)
+    return {"dtype": dtype, "low_cpu_mem_usage": False}
 
 
 def synchronize(device: torch.device) -> None:
@@ -181,7 +196,7 @@ def _generate_rank(rank: int, world: int, opts: dict) -> dict[str, Any] | None:
 
     device = pick_device()
     dtype = pick_dtype(opts.get("dtype"), device)
-    pipe = DiffusionPipeline.from_pretrained(opts["model"], dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(opts["model"], **from_pretrained_kwargs(dtype, rank))
     pipe = pipe.to(device)
     if rank != 0:
         pipe.set_progress_bar_config(disable=True)

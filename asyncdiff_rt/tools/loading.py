@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .archs import ARCHITECTURES, build_architecture
+from .generate import from_pretrained_kwargs
 
 __all__ = ["DenoiserOnly", "load_pipeline_for_planning"]
 
@@ -63,7 +64,7 @@ def load_pipeline_for_planning(
             entry = components.get(attr)
             if isinstance(entry, list) and len(entry) == 2 and entry[1]:
                 cls = getattr(diffusers, entry[1])
-                denoiser = cls.from_pretrained(model, subfolder=attr, dtype=dtype).to(device).eval()
+                denoiser = cls.from_pretrained(model, subfolder=attr, **from_pretrained_kwargs(dtype)).to(device).eval()
                 factor = 8
                 vae_config = os.path.join(model, "vae", "config.json")
                 if os.path.isfile(vae_config):
@@ -71,7 +72,7 @@ def load_pipeline_for_planning(
                         factor = _vae_scale_factor(json.load(f))
                 return DenoiserOnly(denoiser, factor, os.path.basename(os.path.normpath(model)))
         raise ValueError(f"{model} has no unet or transformer in its model_index.json")
-    return diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype).to(device)
+    return diffusers.DiffusionPipeline.from_pretrained(model, **from_pretrained_kwargs(dtype)).to(device)
 
 
 def _vae_scale_factor(vae_config: dict | None) -> int:
