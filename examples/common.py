@@ -4,7 +4,7 @@ Each `run_*.py` script names its diffusers pipeline class, the tiny built-in pip
 `--model` is given), the inputs the pipeline needs, and calls `main`. What `main` does on every rank:
 
 1. pick the device (cuda:LOCAL_RANK, or the CPU) and dtype (float16 on CUDA, float32 on the CPU, or --dtype);
-2. load the pipeline: `<Class>.from_pretrained(--model, torch_dtype=...)`, or the tiny random-weight one;
+2. load the pipeline: `<Class>.from_pretrained(--model, dtype=...)`, or the tiny random-weight one;
 3. attach `asyncdiff_rt.AsyncDiff(pipe, model_n, stride, warm_up, time_shift, plan=, transport=)`;
 4. run `--warmup_runs` untimed calls (the first call traces the denoiser and sets up communication), then one
    timed call;
@@ -28,7 +28,17 @@ from typing import Any
 
 import torch
 
-from asyncdiff_rt.tools.generate import DEFAULT_PROMPT, pick_device, pick_dtype, run_ranks, save_output, synchronize
+from asyncdiff_rt.tools.generate import (
+    DEFAULT_PROMPT,
+    from_pretrained_kwargs,
+    pick_device,
+    pick_dtype,
+    run_ranks,
+    save_output,
+    synchronize,
+)
+from asyncdiff_rt.tools.launch import WorkerError
+from asyncdiff_rt.tools.user_errors import worker_is_user_error, worker_message
 
 __all__ = ["parser", "main", "load_image", "require"]
 
@@ -97,6 +107,9 @@ def main(
         run_ranks(_rank_main, world, spec, inputs, components, transport=args.transport)
     except KeyboardInterrupt:
         sys.exit(130)
+    except WorkerError as err:  # the first failing rank's message, once (each rank failed the same way)
+        traceback = not worker_is_user_error(err)
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {worker_message(err, traceback=traceback)}")
 
 
 def _load(spec: dict, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, components) -> Any:
@@ -108,7 +121,9 @@ def _load(spec: dict, args: argparse.Namespace, device: torch.device, dtype: tor
 
     cls = getattr(diffusers, spec["pipeline_class"])
     extra = components(args, dtype) if components is not None else {}
-    return cls.from_pretrained(args.model, torch_dtype=dtype, **extra).to(device)
+    return cls.from_pretrained(args.model, **from_pretrained_kwargs(dtype, int(os.environ.get("RANK", 0))), **extra).to(
+        device
+    )
 
 
 def _call_kwargs(spec: dict, pipe: Any, args: argparse.Namespace, device: torch.device, inputs) -> dict[str, Any]:

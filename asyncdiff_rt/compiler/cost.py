@@ -1,9 +1,11 @@
-"""Block costs: each block timed alone at its real input shapes on the target device (DESIGN §4).
+"""Block costs, measured: each block timed alone at its real input shapes on the target device.
+
+The "measured" cost model of docs/architecture.md#compiler; flops.py is the one that needs no timing.
 
 One forward captures every block's inputs (args and kwargs, cloned, first call only); then each block runs again
 and again on them. CUDA: CUDA events and the median, by default as a CUDA-graph replay (eager diffusers is bound
-by kernel launches, while the runtime replays graphs — MEASUREMENTS.md); a block that cannot be captured falls back
-to eager timing and says so in ``modes``. CPU: ``time.perf_counter`` and the minimum (interference from other
+by kernel launches, while the runtime replays graphs: 2-3.5x faster on an H100); a block that cannot be captured
+falls back to eager timing and says so in ``modes``. CPU: ``time.perf_counter`` and the minimum (interference from other
 processes only adds time there).
 
 Results are cached on disk as JSON, under ``$ASYNCDIFF_RT_CACHE`` or ``~/.cache/asyncdiff_rt/costs/``, keyed by
@@ -245,11 +247,9 @@ def measure_block_costs(
     iterator = blocks
     bar = None
     if tqdm is not None and progress is not False:
-        # progress=None: only on a terminal, and only once timing has taken 2 s
+        # progress=None: only on a terminal (not in CI logs), from the start: on a CPU a block can take seconds
         disable = None if progress is None else not progress
-        bar = tqdm(
-            blocks, desc="timing blocks", unit="block", leave=False, delay=0 if progress else 2.0, disable=disable
-        )
+        bar = tqdm(blocks, desc=f"timing blocks on {device.type}", unit="block", leave=False, disable=disable)
         iterator = bar
     with torch.no_grad():
         for name in iterator:

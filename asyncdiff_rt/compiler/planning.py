@@ -1,8 +1,10 @@
-"""``plan_for``: the measured partition of a pipeline's denoiser for a resolution and ``model_n`` (DESIGN §2, §4).
+"""``plan_for``: the partition of a pipeline's denoiser for a resolution and ``model_n`` (docs/architecture.md).
 
 Steps: example denoiser inputs built from the denoiser's config (the shapes the pipeline will pass at that
 resolution); one trace on a ``meta`` twin of the denoiser (no compute; falls back to a real forward when the twin
-cannot be built or traced); block costs measured on the target device or read from the disk cache; the
+cannot be built or traced); block costs, by the cost model ``cost``: "measured" (each block timed on the target
+device, or read from the disk cache: cost.py) or "flops" (FLOPs counted on the meta twin: flops.py; no memory, no
+compute, so a CPU can plan SDXL in seconds); "auto" picks "measured" on CUDA and "flops" elsewhere; the
 dynamic-programming partition. ``plan_table.format_plan_table`` prints a plan as ``asyncdiff-rt plan`` shows it.
 """
 
@@ -18,12 +20,26 @@ from torch.utils import _pytree as pytree
 from ..models import adapter_for
 from .blocks import candidate_blocks
 from .cost import arch_hash, device_name, measure_block_costs
+from .flops import NOMINAL_TFLOPS, flop_block_costs
 from .layouts import to_meta
 from .partition import partition
 from .plan import Plan
 from .trace import Trace, meta_twin, trace_denoiser
 
-__all__ = ["plan_for", "plan_for_denoiser", "trace_for_plan"]
+__all__ = ["COST_MODELS", "plan_for", "plan_for_denoiser", "resolve_cost_model", "trace_for_plan"]
+
+COST_MODELS = ("auto", "measured", "flops")
+
+
+def resolve_cost_model(cost: str, device: torch.device | str | None) -> str:
+    """ "auto" -> "measured" on CUDA (the figures that matter), "flops" on a CPU or meta (timing there is slow, needs
+    the weights in memory, and does not predict a GPU); "measured" and "flops" stay."""
+    if cost not in COST_MODELS:
+        raise ValueError(f"cost must be one of {', '.join(COST_MODELS)}, got {cost!r}")
+    if cost != "auto":
+        return cost
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return "measured" if kind == "cuda" else "flops"
 
 
 def _input_shapes(args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -75,17 +91,19 @@ def plan_for_denoiser(
     repeats: int = 20,
     trace_on: str = "meta",
     costs: dict[str, float] | None = None,
+    cost: str = "measured",
     **denoiser_call_overrides: Any,
 ) -> Plan:
     """``plan_for`` on a bare denoiser. ``args``/``kwargs`` give its call directly (else built from its config at
-    height x width); ``costs`` skips the measurement (block -> ms)."""
+    height x width); ``costs`` skips the cost model (block -> ms); ``cost`` is the cost model (module docstring)."""
     param = next(denoiser.parameters(), None)
     dtype = dtype or (param.dtype if param is not None else torch.float32)
     device = (
         torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     )
-    if device.type == "meta":
-        raise ValueError("plan_for needs a real device to time blocks on")
+    cost = resolve_cost_model(cost, device)
+    if device.type == "meta" and cost == "measured" and costs is None:
+        raise ValueError("plan_for needs a real device to time blocks on (or cost='flops', which needs none)")
     adapter = adapter_for(denoiser)
     if batch is None:
         batch = adapter.default_batch(pipe)
@@ -104,8 +122,12 @@ def plan_for_denoiser(
         blocks = candidate_blocks(denoiser, granularity)
         trace, traced_on = trace_for_plan(denoiser, args, kwargs, blocks, trace_on)
         order = [b for b in trace.order if b in set(blocks)]
-        if costs is None:
+        if costs is None and cost == "flops":
+            costs = flop_block_costs(denoiser, args, kwargs, order, device)
+        elif costs is None:
             costs = measure_block_costs(denoiser, args, kwargs, order, trace, device, repeats=repeats, cache=cache)
+        else:
+            cost = "given"
     finally:
         if moved:
             nn.Module.to(denoiser, device=old_device, dtype=old_dtype)
@@ -117,15 +139,19 @@ def plan_for_denoiser(
         "width": width,
         "batch": batch,
         "dtype": str(dtype).replace("torch.", ""),
-        "device": device_name(device),
+        "device": device_name(device) if device.type != "meta" else "meta",
         "granularity": granularity,
         "traced_on": traced_on,
         "order": order,
         "block_ms": {b: float(costs[b]) for b in order},
         "denoiser_ms": getattr(costs, "denoiser_ms", None),
         "costs_from_cache": getattr(costs, "from_cache", False),
+        "cost_model": cost,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if cost == "flops":
+        meta["nominal_tflops"] = NOMINAL_TFLOPS  # block_ms = FLOPs / this rate: a scale, not a prediction
+        meta["block_gflop"] = {b: float(costs.gflop[b]) for b in order}
     if never:
         meta["not_called"] = never  # listed candidates this call never runs: left replicated (never used)
     if trace.warnings:
@@ -155,13 +181,16 @@ def plan_for(
     keep_head_tail: bool = False,
     cache: bool = True,
     controlnet: str = "auto",
+    cost: str = "measured",
     **denoiser_call_overrides: Any,
 ) -> Plan:
-    """The measured partition of ``pipe``'s denoiser into ``model_n`` segments at ``height`` x ``width`` pixels
+    """The partition of ``pipe``'s denoiser into ``model_n`` segments at ``height`` x ``width`` pixels
     (default: the pipeline's default size, the denoiser's sample_size times the VAE scale factor).
 
     ``batch`` defaults to 2 when classifier-free guidance applies (the pipelines' default) else 1; ``dtype`` and
-    ``device`` to the denoiser's. Block costs are cached on disk (``cache=False`` measures again). Keyword
+    ``device`` to the denoiser's. ``cost`` is the cost model: "measured" (the default; block times on the device,
+    cached on disk, ``cache=False`` measures again), "flops" (FLOP counts on the meta device: seconds, no memory;
+    the denoiser may itself be on meta) or "auto" ("measured" on CUDA, else "flops"). Keyword
     arguments ``bandwidth_Bps``, ``slack``, ``repeats``, ``trace_on`` ("meta" or "real") and ``costs`` pass to
     ``plan_for_denoiser``; any other keyword overrides an argument of the denoiser's call (e.g. ``num_frames``).
     ``controlnet`` as AsyncDiff's: with "auto"/"blocks" a ControlNet pipeline's plan lists ControlNet and UNet
@@ -184,5 +213,6 @@ def plan_for(
             keep_head_tail,
             cache,
             pipe=pipe,
+            cost=cost,
             **denoiser_call_overrides,
         )

@@ -4,10 +4,11 @@
 
 One process per rank (torchrun). Not under torchrun, it starts the `model_n + stride - 1` worker processes itself
 (`asyncdiff_rt.tools.launch.spawn`), or with `--transport local` runs every segment in this one process. Each rank
-loads `DiffusionPipeline.from_pretrained(model, torch_dtype=...)` onto cuda:LOCAL_RANK (the CPU without CUDA),
-attaches `AsyncDiff`, and calls the pipeline; rank 0 saves the image (PNG) or the video (GIF, or one PNG per
-frame) and prints the latency. Text-to-image and text-to-video pipelines only: pipelines that need an input
-image (inpainting, upscaling, ControlNet, image-to-video) have example scripts in examples/ that take them.
+loads `DiffusionPipeline.from_pretrained(model, dtype=...)` (float16 on CUDA, float32 on a CPU by default) onto
+cuda:LOCAL_RANK (the CPU without CUDA), attaches `AsyncDiff`, and calls the pipeline; rank 0 saves the image (PNG)
+or the video (GIF, or one PNG per frame) and prints the latency. Text-to-image and text-to-video pipelines only:
+pipelines that need an input image (inpainting, upscaling, ControlNet, image-to-video) have example scripts in
+examples/ that take them.
 
 The helpers here (device, dtype, launching, saving) are shared with the example scripts (examples/common.py).
 """
@@ -24,6 +25,11 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
+from .quiet import quiet_third_party
+
+quiet_third_party()  # also in the worker processes, which import this module
+
 __all__ = [
     "generate",
     "pick_device",
@@ -33,6 +39,7 @@ __all__ = [
     "save_output",
     "output_items",
     "synchronize",
+    "from_pretrained_kwargs",
 ]
 
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
@@ -66,6 +73,19 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def from_pretrained_kwargs(dtype: torch.dtype, rank: int = 0) -> dict[str, Any]:
+    """Keyword arguments for diffusers' from_pretrained: `dtype` (not the deprecated `torch_dtype`), and without
+    accelerate `low_cpu_mem_usage=False`, which is what diffusers falls back to anyway, minus its warning per
+    component and per rank; rank 0 says once what accelerate would bring."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is not None:
+        return {"dtype": dtype}
+    if rank == 0:
+        print("note: `pip install accelerate` loads models faster and with less memory", file=sys.stderr)
+    return {"dtype": dtype, "low_cpu_mem_usage": False}
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -75,7 +95,8 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, transport: str = "
     """Run `fn(rank, world, *args)` on every rank: this process's rank under torchrun; this process alone with
     transport "local" (or a world of one); otherwise `world` worker processes started here (torchrun's
     environment, gloo on the CPU or NCCL between GPUs). Returns rank 0's result, or None on other torchrun ranks.
-    `fn` must be importable by the workers (a module-level function; in a script, guard with __main__)."""
+    `fn` must be importable by the workers (a module-level function; in a script, guard with __main__). A failing
+    worker raises `launch.WorkerError` (every rank's error; `user_errors.worker_message` is the one line to show)."""
     if under_torchrun():
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if transport != "local" and size != world:
@@ -87,13 +108,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, transport: str = "
         return result if rank == 0 else None
     if transport == "local" or world == 1:
         return fn(0, 1, *args)
-    from .launch import WorkerError, spawn
+    from .launch import spawn
 
-    try:
-        return spawn(fn, world, *args, timeout_s=timeout_s)[0]
-    except WorkerError as err:
-        print(str(err), file=sys.stderr)
-        raise SystemExit(1) from None
+    return spawn(fn, world, *args, timeout_s=timeout_s)[0]
 
 
 def output_items(out: Any) -> tuple[str, list[Any]]:
@@ -179,7 +196,7 @@ def _generate_rank(rank: int, world: int, opts: dict) -> dict[str, Any] | None:
 
     device = pick_device()
     dtype = pick_dtype(opts.get("dtype"), device)
-    pipe = DiffusionPipeline.from_pretrained(opts["model"], torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(opts["model"], **from_pretrained_kwargs(dtype, rank))
     pipe = pipe.to(device)
     if rank != 0:
         pipe.set_progress_bar_config(disable=True)
@@ -213,10 +230,26 @@ def _generate_rank(rank: int, world: int, opts: dict) -> dict[str, Any] | None:
         ad.remove()
 
 
+def check_model(model: str) -> None:
+    """A path that is not a diffusers folder fails here, once, not in every worker. A model id ("org/name": one
+    slash, no leading "/", "." or "~") is left to from_pretrained (it may be in the Hugging Face cache)."""
+    looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ConfigError(f"{model} is a folder but not a diffusers pipeline (no model_index.json in it)")
+    elif looks_like_path or os.path.exists(path):
+        raise ConfigError(
+            f"no such folder: {model} (--model takes a local diffusers folder or a model id such as "
+            "stabilityai/stable-diffusion-xl-base-1.0)"
+        )
+
+
 def generate(args: argparse.Namespace) -> dict[str, Any] | None:
     """The body of `asyncdiff-rt generate` (arguments: see asyncdiff_rt.tools.cli). Returns rank 0's
     {"seconds", "paths"} (None on other ranks)."""
     opts = dict(vars(args))
     opts.pop("func", None)
+    check_model(opts["model"])
     world = opts["model_n"] + opts["stride"] - 1
     return run_ranks(_generate_rank, world, opts, transport=opts["transport"])

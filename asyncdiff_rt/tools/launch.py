@@ -46,7 +46,11 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, out_path: str, 
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    # in the environment too: what the worker starts (torchrun, a subprocess) inherits it, and torchrun prints
+    # its OMP_NUM_THREADS banner only when the variable is unset
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
     try:
         result = ("ok", fn(rank, world_size, *args))
     except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
