@@ -71,7 +71,7 @@ def format_plan_table(plan: Plan) -> str:
             desc.append(f"{m['height']}x{m['width']}")
         if m.get("batch"):
             desc.append(f"batch {m['batch']}")
-        for k in ("dtype", "device", "granularity"):
+        for k in ("dtype", "device", "granularity", "cost_model"):
             if m.get(k):
                 desc.append(str(m[k]))
         desc = [d for d in desc if d]

@@ -5,6 +5,18 @@
 >>> image = pipe(**call_kwargs("sd15", steps=4, seed=0)).images
 """
 
-from .pipelines import KINDS, VIDEO_KINDS, call_kwargs, denoiser_of, expected_shape, make_pipeline, output_of
+from ..tools.quiet import quiet_third_party
+
+quiet_third_party()  # before diffusers/transformers are imported below: their torchvision notice is noise here
+
+from .pipelines import (  # noqa: E402
+    KINDS,
+    VIDEO_KINDS,
+    call_kwargs,
+    denoiser_of,
+    expected_shape,
+    make_pipeline,
+    output_of,
+)
 
 __all__ = ["KINDS", "VIDEO_KINDS", "call_kwargs", "denoiser_of", "expected_shape", "make_pipeline", "output_of"]
