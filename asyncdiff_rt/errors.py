@@ -1,7 +1,7 @@
 """Every error class the package raises on purpose, in one place: each names what went wrong and the fix.
 
 `ConfigError`, `PlanError` and `DenoiserError` are raised before any GPU work or communication (bad input,
-DESIGN §6); `TransportError` when a peer died, stalled past the timeout or disagreed, naming the peer and the
+docs/architecture.md); `TransportError` when a peer died, stalled past the timeout or disagreed, naming the peer and the
 step or phase; `TraceError` when the denoiser cannot be traced.
 """
 
@@ -23,7 +23,7 @@ class PlanError(ValueError):
 
 
 class TraceError(RuntimeError):
-    """The denoiser could not be traced (DESIGN §6: a clear error before any GPU work)."""
+    """The denoiser could not be traced (docs/architecture.md: a clear error before any GPU work)."""
 
 
 class TransportError(RuntimeError):

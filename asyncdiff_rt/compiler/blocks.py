@@ -1,4 +1,4 @@
-"""Which modules of a denoiser are *blocks* (DESIGN §3, §4): the units a plan assigns to segments.
+"""Which modules of a denoiser are *blocks* (docs/strategies.md): the units a plan assigns to segments.
 
 Everything not listed stays replicated: embeddings (time, class, added condition, text/context, patch), norms and
 activations around the output, and the glue between blocks.

@@ -1,4 +1,4 @@
-"""Partition the blocks' call order into ``model_n`` contiguous segments (DESIGN §4).
+"""Partition the blocks' call order into ``model_n`` contiguous segments (docs/architecture.md).
 
 Objective: minimise the slowest segment's time, where a segment's time is its compute (sum of its blocks' costs)
 plus, when a bandwidth is given, its exposed boundary transfer ``(bytes_in + bytes_out) / bandwidth`` — sends and
@@ -13,7 +13,7 @@ leaf once — the per-destination count depends on the other cuts), while the ``
 the plan counts a leaf once per consuming segment (what point-to-point sends move). Edges from the denoiser's
 inputs are replicated code, never sent.
 
-Constraint: the last segment owns every block the denoiser's output derives from (DESIGN §3: ε is computed on
+Constraint: the last segment owns every block the denoiser's output derives from (docs/strategies.md: ε is computed on
 S_{n-1}'s rank).
 
 ``keep_head_tail=True``: the high-resolution head and tail share one segment, as the reference does for SDXL.

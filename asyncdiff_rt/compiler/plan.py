@@ -1,7 +1,7 @@
 """A partition of the denoiser into segments: plain data that prints, saves, hashes and validates itself.
 
 A plan lists, per segment, the qualified names of the denoiser modules that segment owns ("blocks"), in call
-order. Everything not listed is replicated (DESIGN §3). Plans come from the user (a list of lists, or a saved
+order. Everything not listed is replicated (docs/strategies.md). Plans come from the user (a list of lists, or a saved
 JSON file) or from `asyncdiff_rt.plan_for` (measured costs).
 """
 

@@ -1,4 +1,4 @@
-"""One forward of the denoiser, recording the call order of its blocks and the data flow between them (DESIGN §4).
+"""One forward of the denoiser, recording the call order of its blocks and the data flow between them.
 
 How it works: forward hooks mark where each block starts and ends; a ``TorchDispatchMode`` sees every aten op
 and propagates *labels* per storage. A label is ``(block, leaf)``: "derives from leaf ``leaf`` of ``block``'s

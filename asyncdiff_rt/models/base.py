@@ -1,10 +1,11 @@
 """What the runtime, the compiler and the simulators know about one family of denoisers, declared as data.
 
 A `ModelAdapter` says how the pipeline calls the denoiser (its signature), which axis of each argument is the
-batch (what CFG parallelism splits, DESIGN §9), which axes of the sample are the image rows and columns (what patch
-parallelism splits, §10), which top-level modules stay replicated, how the pipeline turns the scheduler's timestep
-τ into the value it passes (`timestep_divisor`: 1 for the SD family, 1000 for FLUX), and how to build an example call
-at a resolution (for tracing and costing). One adapter per family lives beside this file; `adapter_for` picks it.
+batch (what CFG parallelism splits), which axes of the sample are the image rows and columns (what patch
+parallelism splits; docs/strategies.md), which top-level modules stay replicated, how the pipeline turns the
+scheduler's timestep τ into the value it passes (`timestep_divisor`: 1 for the SD family, 1000 for FLUX), and how
+to build an example call at a resolution (for tracing and costing). One adapter per family lives beside this
+file; `adapter_for` picks it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 __all__ = ["REPLICATED_TOP_LEVEL", "ModelAdapter", "class_forward", "config_of", "pipe_int", "random_like"]
 
 
-# Top-level children of UNets/DiTs that stay replicated: cheap embeddings and output norms (DESIGN §3).
+# Top-level children of UNets/DiTs that stay replicated: cheap embeddings and output norms (docs/strategies.md).
 REPLICATED_TOP_LEVEL = frozenset(
     {
         "time_proj",

@@ -1,4 +1,4 @@
-"""ControlNet listed as blocks (DESIGN §7): the ControlNet and the UNet driven as one denoiser.
+"""ControlNet listed as blocks (docs/architecture.md): the ControlNet and the UNet driven as one denoiser.
 
 With ``controlnet="replicated"`` a ControlNet pipeline runs its ControlNet in full on every rank, and its
 residuals are fresh inputs of the UNet. With ``controlnet="blocks"`` (what "auto", the default, picks for one

@@ -1,6 +1,6 @@
 """What the runtime and the simulator need to know about a pipeline's denoiser and its loop, and nothing more:
 where the denoiser is, which argument is the timestep, how to rebuild its output with another ε, which
-schedulers and options call it more than once per step. No tracing happens here (DESIGN §3)."""
+schedulers and options call it more than once per step. No tracing happens here (docs/strategies.md)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def check_scheduler(scheduler: Any) -> None:
 
 
 def loop_timesteps(scheduler: Any) -> torch.Tensor:
-    """τ: the scheduler's timesteps from the index of the loop's first denoiser call (DESIGN §3)."""
+    """τ: the scheduler's timesteps from the index of the loop's first denoiser call (docs/strategies.md)."""
     timesteps = scheduler.timesteps
     begin = getattr(scheduler, "begin_index", None) or 0
     return timesteps[begin:]
@@ -96,7 +96,7 @@ class TimestepArg:
 
 
 def effective_warm_up(warm_up: int, num_inference_steps: Any, denoiser_calls: int) -> int:
-    """`warm_up >= num_inference_steps` runs the whole loop exactly (DESIGN §6), also for schedulers that call the
+    """`warm_up >= num_inference_steps` runs the whole loop exactly, also for schedulers that call the
     denoiser more often than `num_inference_steps` (PNDM's PLMS steps: one extra call)."""
     if isinstance(num_inference_steps, int) and warm_up >= num_inference_steps:
         return max(warm_up, denoiser_calls)

@@ -1,4 +1,4 @@
-"""`simulate_patch`: displaced patch parallelism (DistriFusion) computed in one process, by definition (DESIGN §10).
+"""`simulate_patch`: displaced patch parallelism (DistriFusion) computed in one process, by definition.
 
 Each denoiser call runs the denoiser's own forward P times, once per patch view, in P threads: view p holds
 rows [pH/P, (p+1)H/P) of every feature map. Instance-level forward overrides on `conv_in`, the other
@@ -38,7 +38,8 @@ def simulate_patch(
 ) -> Any:
     """Run ``pipe(*args, **call_kwargs)`` with displaced patch parallelism over ``patches`` row patches.
 
-    Steps k < ``warm_up`` are exact; later steps follow ``sync_mode`` (one of `SYNC_MODES`, DESIGN §10).
+    Steps k < ``warm_up`` are exact; later steps follow ``sync_mode`` (one of `SYNC_MODES`,
+    docs/strategies.md).
     Returns what the pipeline returns. Bad input raises ValueError before the pipeline runs; a latent height
     that the patches cannot split is refused at the first denoiser call, before any of it computes.
     """

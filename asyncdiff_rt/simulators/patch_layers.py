@@ -1,4 +1,4 @@
-"""What each layer computes inside one patch view of the displaced-patch simulator (DESIGN §10).
+"""What each layer computes inside one patch view of the displaced-patch simulator (docs/strategies.md).
 
 A view holds its own rows of every feature map. Three kinds of layer need other patches' data; each goes
 through `PatchExchange.exchange`, which hands back every view's published value of that exchange point:

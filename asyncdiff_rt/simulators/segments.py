@@ -1,4 +1,4 @@
-"""`simulate`: asynchronous denoising computed in one process, by definition (DESIGN §3).
+"""`simulate`: asynchronous denoising computed in one process, by definition (docs/strategies.md).
 
 For each compute round the whole denoiser runs once per rank view: the blocks that view's rank owns compute,
 every other listed block replays its owner's output from the previous round, and replicated code (everything
@@ -185,7 +185,7 @@ def simulate(
     controlnet: str = "auto",
     **call_kwargs: Any,
 ) -> Any:
-    """Run `pipe(*args, **call_kwargs)` in this process with the asynchronous semantics of DESIGN §3.
+    """Run `pipe(*args, **call_kwargs)` in this process with the asynchronous semantics of docs/strategies.md.
 
     `plan` is an explicit partition (list of segments of module names, a saved plan, or a Plan); without one,
     `asyncdiff_rt.plan_for` picks one for `model_n`. `controlnet` as AsyncDiff's. Returns what the pipeline

@@ -1,6 +1,6 @@
 """The real architectures with random weights: SD1.5, SD2.1, SDXL UNets, the SD3-medium, SD3.5-medium,
 SD3.5-large and FLUX.1-dev / -schnell transformers, with real-config VAEs, as whole diffusers pipelines that take
-prompt embeddings directly (no text encoders, no downloads). Speed does not depend on weight values (DESIGN §8),
+prompt embeddings directly (no text encoders, no downloads). Speed does not depend on weight values,
 so benchmarks and `asyncdiff-rt plan` use these.
 """
 

@@ -1,6 +1,6 @@
 """How far an asynchronous result is from the exact one: max and relative difference, PSNR, SSIM, LPIPS.
 
-On random weights PSNR is a consistency check, not a quality claim (DESIGN §8). LPIPS needs network weights
+On random weights PSNR is a consistency check, not a quality claim (docs/architecture.md). LPIPS needs network weights
 that cannot be fetched offline: `compare` reports it as unavailable unless they are already cached locally.
 """
 

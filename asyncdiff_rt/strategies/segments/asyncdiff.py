@@ -121,7 +121,7 @@ class AsyncDiff:
         self, pipeline, model_n, stride, warm_up, time_shift, plan, transport, group, stride_eps, timeout_s, debug,
         drop_weights_, height, width, graphs, compile, cfg_parallel,
     ) -> None:  # fmt: skip
-        # ---- arguments: every check here runs before any communication or denoiser work (DESIGN §6)
+        # ---- arguments: every check here runs before any communication or denoiser work (docs/architecture.md)
         if plan is not None and not isinstance(plan, Plan):
             plan = Plan.from_spec(plan)
         if plan is not None and model_n is not None and model_n != plan.model_n:

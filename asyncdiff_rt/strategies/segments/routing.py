@@ -1,4 +1,4 @@
-"""Who sends which block outputs to whom in a compute round, as printable data (DESIGN §3, docs/strategies.md).
+"""Who sends which block outputs to whom in a compute round, as printable data (docs/strategies.md).
 
 Rank r < n owns segment S_r; with stride 2, rank n owns S_{n-1} as well, computes it with the other timestep
 and sends nothing. Without a trace every rank reads every block it does not own; with one, only the outputs its

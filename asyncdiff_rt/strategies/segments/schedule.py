@@ -1,4 +1,4 @@
-"""The step schedule as plain data: what every rank does at each step of the pipeline's loop (DESIGN §3).
+"""The step schedule as plain data: what every rank does at each step of the pipeline's loop (docs/strategies.md).
 
 `make_schedule(K, ...)` returns one `Step` per denoiser call. Print it to see a configuration at a glance:
 

@@ -1,5 +1,5 @@
 """The segments strategy's step: warm-up as a sequential chain across ranks, compute rounds on the previous
-round's cross-segment outputs, stride 2's pairs of steps and their ε (DESIGN §3, docs/strategies.md).
+round's cross-segment outputs, stride 2's pairs of steps and their ε (docs/strategies.md).
 
 Note [step ordering]
     Every rank runs the pipeline's own loop, so every rank calls the denoiser once per step, in the same order.

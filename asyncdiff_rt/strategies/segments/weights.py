@@ -1,4 +1,4 @@
-"""Dropped weights (DESIGN §4, memory): each rank keeps its own blocks' weights and the replicated modules only."""
+"""Dropped weights (memory): each rank keeps its own blocks' weights and the replicated modules only."""
 
 from __future__ import annotations
 
