@@ -332,7 +332,7 @@ def test_trace_real_sdxl_on_meta():
 def test_video_and_upscaler_denoisers(kind):
     """SVD, AnimateDiff (UNetMotionModel) and the x4 upscaler from the shared tiny pipelines: the structural
     order is the call order, and the meta twin traces the same edges as a real forward."""
-    tiny = pytest.importorskip("asyncdiff_rt.tiny")
+    import asyncdiff_rt.tiny as tiny
     from asyncdiff_rt.models import default_batch, example_inputs
 
     pipe = tiny.make_pipeline(kind, seed=0)

@@ -94,25 +94,40 @@ def test_failed_construction_leaves_the_pipeline_unchanged():
     assert find_denoiser(pipe)[1] is pipe.unet
 
 
-def _bytes_worker(rank: int, world: int, mode: str) -> int:
+def _bytes_worker(rank: int, world: int, mode: str) -> tuple[int, int, int]:
+    """(bytes this rank holds, its own blocks + the replicated modules counted apart, the full denoiser's)."""
+    from dist_cases import own_plus_replicated_bytes
+
+    from asyncdiff_rt.models.controlnet import controlnet_mode
+
     pipe = make_pipeline(KIND, seed=0)
     ad = AsyncDiff(pipe, model_n=2, transport="gloo", controlnet=mode, height=64, width=64)
     held = ad.parameter_bytes()
+    plan, owned = ad.plan, set(ad.plan.segments[rank].blocks)
     ad.remove()
-    return held
+    full_pipe = make_pipeline(KIND, seed=0)
+    with controlnet_mode(full_pipe, mode):
+        full = find_denoiser(full_pipe)[1]
+        expected = own_plus_replicated_bytes(full, plan, owned)
+        total = sum(t.numel() * t.element_size() for t in list(full.parameters()) + list(full.buffers()))
+    return held, expected, total
 
 
 def test_blocks_mode_splits_the_controlnet_weights():
-    """Listed as blocks, each rank keeps only its share of the ControlNet; replicated, every rank keeps all of it."""
+    """Listed as blocks, each rank keeps exactly its own ControlNet and UNet blocks plus the replicated modules;
+    replicated, the denoiser is the UNet alone (the ControlNet stays whole on every rank, outside it)."""
     pipe = make_pipeline(KIND)
-    full = sum(t.numel() * t.element_size() for m in (pipe.unet, pipe.controlnet) for t in m.parameters())
     controlnet = sum(t.numel() * t.element_size() for t in pipe.controlnet.parameters())
     blocks = spawn(_bytes_worker, 2, "blocks", timeout_s=300)
     replicated = spawn(_bytes_worker, 2, "replicated", timeout_s=300)
-    assert max(blocks) < full * 0.8
-    # replicated ranks hold the whole ControlNet on top of their UNet share (the ControlNet is not counted there)
-    assert all(r + controlnet > b for r, b in zip(replicated, blocks))
-    assert sum(blocks) < sum(replicated) + 2 * controlnet
+    for rank, (held, expected, total) in enumerate(blocks):
+        assert held == expected, f"blocks, rank {rank}: holds {held} B, own + replicated is {expected} B"
+        assert held < total
+    for rank, (held, expected, _) in enumerate(replicated):
+        assert held == expected, f"replicated, rank {rank}: holds {held} B, own + replicated is {expected} B"
+    # the composite counts the ControlNet; split across the ranks, both together hold less than twice all of it
+    assert blocks[0][2] == replicated[0][2] + controlnet
+    assert blocks[0][0] + blocks[1][0] < 2 * blocks[0][2]
 
 
 def test_several_controlnets_stay_replicated():

@@ -7,11 +7,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from partition_oracle import brute_force
 from test_blocks_trace import TINY, load_plan_table, one_thread  # noqa: F401 (the autouse fixture)
 
 from asyncdiff_rt.compiler.blocks import candidate_blocks
 from asyncdiff_rt.compiler.cost import measure_block_costs
-from asyncdiff_rt.compiler.partition import brute_force, partition, range_costs, segment_bytes
+from asyncdiff_rt.compiler.partition import partition, range_costs, segment_bytes
 from asyncdiff_rt.compiler.plan_table import format_plan_table
 from asyncdiff_rt.compiler.planning import plan_for_denoiser
 from asyncdiff_rt.compiler.trace import INPUT, OUTPUT, BlockRecord, Edge, LeafInfo, Trace, trace_denoiser
