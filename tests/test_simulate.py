@@ -88,3 +88,44 @@ def test_rejects_bad_arguments():
         simulate(pipe, plan=PLAN2, warm_up=0)
     with pytest.raises(ValueError, match="unknown module"):
         simulate(pipe, plan=[["A"], ["D"]])
+
+
+@pytest.mark.parametrize("time_shift", [False, True])
+def test_vector_timestep_by_keyword_scaled_by_the_pipeline(time_shift):
+    """FLUX-style: hidden_states and a batch vector timestep by keyword, passed as τ / 1000. The simulator must
+    substitute τ as the pipeline passes it (here 1/1000 of the scheduler's), for each row of the batch."""
+    from toy import ToyDiTPipeline
+
+    K = 6
+    rows = []
+    for x0 in (1.0, 2.0):  # each row computes alone: the hand solution of the three-segment test, per row
+        a, b = {}, {}
+
+        def eps_of(k, xs, eps, a=a, b=b):
+            t = tau(k - 1) if (time_shift and k >= 1) else tau(k)
+            if k == 0:
+                a[0], b[0] = 2 * xs[0], 2 * xs[0] + tau(0) + 1
+                return 3 * b[0]
+            a[k] = 2 * xs[k]
+            b[k] = a[k - 1] + t + 1
+            return 3 * b[k - 1]
+
+        rows.append(run_by_hand(K, eps_of, x0))
+    got = simulate(ToyDiTPipeline(K), plan=PLAN3, warm_up=1, time_shift=time_shift)
+    for row, expected in zip(got, rows):
+        assert row == pytest.approx(expected, abs=1e-9)
+    assert got[0] != pytest.approx(ToyDiTPipeline(K)()[0], abs=1e-6)  # asynchronous is not exact
+
+
+def test_runtime_refuses_a_timestep_transform_its_adapter_does_not_know():
+    """The toy DiT's pipeline passes τ / 1000; the generic model adapter says τ: refused at the first step,
+    naming the values, instead of computing with a timestep 1000x off."""
+    from toy import ToyDiTPipeline
+
+    from asyncdiff_rt import AsyncDiff, DenoiserError
+
+    pipe = ToyDiTPipeline(4)
+    ad = AsyncDiff(pipe, plan=PLAN3, warm_up=1, transport="local")
+    with pytest.raises(DenoiserError, match="passed timestep 0.01 .* τ\\[0\\] = 10"):
+        pipe()
+    ad.remove()

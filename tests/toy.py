@@ -69,3 +69,35 @@ class OutOfOrderToy(ToyPipeline):
         for k in range(len(ts)):
             x = x - 0.01 * self.unet(x, ts[k + 1] if k == 2 else ts[k])[0]
         return x
+
+
+class ToyDiT(torch.nn.Module):
+    """The toy denoiser called FLUX-style: the sample by keyword as `hidden_states`, the timestep a batch vector by
+    keyword, passed as τ / 1000 and multiplied back inside (FluxTransformer2DModel does `timestep * 1000`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.A, self.B, self.C = Scale(2.0), Scale(1.0, 1.0), Scale(3.0)
+
+    def forward(self, hidden_states, timestep=None, guidance=None, return_dict=False):
+        h = self.A(hidden_states) + 1000 * timestep[:, None]
+        return (self.C(self.B(h)),)
+
+
+class ToyDiTPipeline:
+    """Two rows (a batch), the loop of tests/toy.py: x_{k+1} = x_k - 0.01 eps_k, each row from its own start."""
+
+    def __init__(self, steps: int = 6):
+        self.transformer = ToyDiT().double()
+        self.scheduler = ToyScheduler(steps)
+
+    @torch.no_grad()
+    def __call__(self, x0: float = 1.0):
+        x = torch.tensor([[x0], [2 * x0]], dtype=torch.float64)
+        xs = [x]
+        for t in self.scheduler.timesteps:
+            timestep = t.expand(x.shape[0]).to(x.dtype)
+            eps = self.transformer(hidden_states=x, timestep=timestep / 1000, return_dict=False)[0]
+            x = x - 0.01 * eps
+            xs.append(x)
+        return [[float(v) for v in row] for row in torch.cat(xs, dim=1)]
