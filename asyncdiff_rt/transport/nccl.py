@@ -65,16 +65,8 @@ class _Watchdog(WatchdogThread):
 class NcclTransport(StreamTransport):
     name = "nccl"
 
-    def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        store: Any,
-        device: Any = None,
-        timeout_s: float = 60.0,
-        max_inflight: int = 2,
-    ):
-        super().__init__(rank, world_size, store, device, timeout_s, max_inflight)
+    def _setup(self) -> None:
+        rank, world_size, timeout_s = self.rank, self.world_size, self.timeout_s
         uid = self._rdv.from_rank0("uid", self._C.nccl_unique_id, "the NCCL unique id (set-up)")
         self._stream = torch.cuda.Stream(self.device, priority=-1)
         try:

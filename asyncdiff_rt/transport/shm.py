@@ -134,16 +134,7 @@ class _Watchdog(WatchdogThread):
 class ShmTransport(StreamTransport):
     name = "shm"
 
-    def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        store: Any,
-        device: Any = None,
-        timeout_s: float = 60.0,
-        max_inflight: int = 2,
-    ):
-        super().__init__(rank, world_size, store, device, timeout_s, max_inflight)
+    def _setup(self) -> None:
         self._cuda = self.device.type == "cuda"
         hosts = [host for host, _ in self._where]
         if len(set(hosts)) != 1:

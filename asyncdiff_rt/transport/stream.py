@@ -2,8 +2,8 @@
 torch.distributed store (where every rank runs), the lazily started watchdog (Note [shm watchdog] in shm.py) and
 its error, the phase named in set-up failures, close (once, stopping the watchdog first) and the size helper.
 
-A subclass sets `name`, resolves its device in `_resolve_device`, builds its watchdog in `_make_watchdog` and
-releases what it owns in `_close`.
+A subclass sets `name`, resolves its device in `_resolve_device`, finishes construction in `_setup`, builds its
+watchdog in `_make_watchdog` and releases what it owns in `_close`.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ class StreamTransport(Transport):
         self._watchdog: WatchdogThread | None = None
         self._closed = False
         self._last_step = -1  # the last step issued: set-up failures say "after step k", not a step of their own
+        self._setup()
 
     @classmethod
     def from_group(cls, group: Any = None, device: Any = None, timeout_s: float = 60.0) -> StreamTransport:
@@ -68,6 +69,9 @@ class StreamTransport(Transport):
         return cls(rank, world, store, device=device, timeout_s=timeout_s)
 
     # -- subclass hooks -----------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        """The rest of the constructor (rank, world size, device, timeout, rendezvous and peers are set)."""
+
     def _resolve_device(self, device: Any) -> torch.device:
         raise NotImplementedError
 
