@@ -10,6 +10,8 @@ mid-run), "call" (extra pipeline kwargs), "no_generator". Every rank returns, pe
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 
@@ -117,6 +119,7 @@ def run_cases(rank: int, world: int, cases: list[dict]):
         plan = case.get("rank_plans", [case.get("plan")] * world)[rank]
         result: dict = {"status": "ok"}
         ad = None
+        t_calls = None
         try:
             ad = asyncdiff_rt.AsyncDiff(
                 pipe,
@@ -138,6 +141,7 @@ def run_cases(rank: int, world: int, cases: list[dict]):
                 pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
             if case.get("timeline"):
                 ad.record_timeline()
+            t_calls = time.monotonic()
             outputs = [call(case, pipe, rank) for _ in range(case.get("calls", 1))]
             if case.get("timeline"):
                 result["timeline"] = ad.gather_timeline()
@@ -158,6 +162,7 @@ def run_cases(rank: int, world: int, cases: list[dict]):
                 )
         except Exception as err:  # noqa: BLE001 - the test inspects it
             result = {"status": "error", "error": (type(err).__name__, str(err))}
+            result["call_s"] = None if t_calls is None else time.monotonic() - t_calls  # how long the calls ran
         finally:
             if ad is not None:
                 ad.remove()

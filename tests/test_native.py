@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import subprocess
 import sys
 import time
@@ -303,8 +304,9 @@ def test_shm_transport_dead_peer(tmp_path):
     (p0, q0), (p1, _) = (_spawn(_transport_dies, r, 2, store_path) for r in range(2))
     message, elapsed = _collect(p0, q0, timeout=120)
     p1.join(timeout=30)
-    assert "step 1" in message and "peer rank 1" in message and "exited" in message, message
-    assert elapsed < 15.0
+    assert re.search(r"\bstep 1\b", message) and re.search(r"peer rank 1\b", message), message
+    assert "exited" in message, message
+    assert elapsed < 5.0, elapsed  # the dead pid is noticed within the 20 s timeout, at once
 
 
 def _from_group_rank(rank: int, world: int, init_file: str):
