@@ -4,13 +4,15 @@ The unique id comes from rank 0 through the torch.distributed store. All point-t
 is one ncclGroup of byte sends/receives on a dedicated high-priority communication stream, ordered after the
 caller's current stream and before the caller's later work (Note [stream ordering] in csrc/streams.h). The host
 keeps at most `max_inflight` exchanges outstanding; waiting on the oldest is where a dead or stalled peer is
-noticed: NCCL's asynchronous error or the timeout aborts the communicator and raises TransportError naming the
-step. Capturable into CUDA graphs once every peer edge has been used eagerly (NCCL connects lazily).
+noticed: NCCL's asynchronous error, a peer process on this host that exited, or the timeout aborts the
+communicator and raises TransportError naming the step, what was awaited and the peer ranks. Capturable into
+CUDA graphs once every peer edge has been used eagerly (NCCL connects lazily).
 
 A watchdog thread (as Note [shm watchdog] in shm.py) watches host-visible completion marks that the
 communication stream writes after each exchange; when a peer process on this host exited or nothing completed
 for `timeout_s`, it aborts the communicator (thread-safe in the native layer), which stops its kernels, so a
 host sync outside the transport does not hang; the next transport call raises TransportError naming the step.
+Construction, the watchdog's start and close are StreamTransport's (stream.py), shared with shm.
 """
 
 from __future__ import annotations
