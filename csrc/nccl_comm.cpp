@@ -19,6 +19,9 @@ namespace asyncdiff_rt {
 namespace {
 using Clock = std::chrono::steady_clock;
 ncclComm_t as_comm(void* c) { return static_cast<ncclComm_t>(c); }
+// " (step 3)"; nothing for a negative step: set-up (its `what` says so) or a call whose step only the caller
+// knows (the Python transport names it), never a made-up "step -1".
+std::string step_note(std::int64_t step) { return step >= 0 ? " (step " + std::to_string(step) + ")" : ""; }
 }  // namespace
 
 std::string nccl_unique_id() {
@@ -54,7 +57,7 @@ NcclComm::NcclComm(const std::string& unique_id, int world, int rank, int device
   }
   comm_ = comm;
   try {
-    settle("ncclCommInitRankConfig (waiting for every rank to join)", timeout_s, -1);
+    settle("set-up (ncclCommInitRankConfig, waiting for every rank to join)", timeout_s, -1);
   } catch (...) {
     cudaFreeHost(done_host_);
     done_host_ = nullptr;
@@ -85,13 +88,13 @@ void NcclComm::settle(const char* what, double timeout_s, std::int64_t step) {
       if (state == ncclSuccess) return;
       std::ostringstream os;
       if (state != ncclInProgress) {
-        os << "NCCL " << what << " failed on rank " << rank_ << " (step " << step << "): " << ncclGetErrorString(state);
+        os << "NCCL " << what << " failed on rank " << rank_ << step_note(step) << ": " << ncclGetErrorString(state);
         if (const char* last = ncclGetLastError(as_comm(comm_))) {
           if (*last) os << " [" << last << "]";
         }
       } else if (Clock::now() >= deadline) {
         os << "NCCL " << what << " on rank " << rank_ << " of " << world_ << " did not complete within " << timeout_s
-           << " s (step " << step << "); a peer died or stalled; the communicator was aborted";
+           << " s" << step_note(step) << "; a peer died or stalled; the communicator was aborted";
       }
       if (!os.str().empty()) {
         abort_locked(os.str());
@@ -173,8 +176,8 @@ void NcclComm::wait(StreamHandle stream, double timeout_s, std::int64_t step) {
     check_async(step);
     if (Clock::now() >= deadline) {
       std::ostringstream os;
-      os << "NCCL operations on rank " << rank_ << " of " << world_ << " did not complete within " << timeout_s
-         << " s at step " << step << "; a peer died or stalled; the communicator was aborted";
+      os << "NCCL operations on rank " << rank_ << " of " << world_ << " did not complete within " << timeout_s << " s"
+         << step_note(step) << "; a peer died or stalled; the communicator was aborted";
       abort(os.str());
       throw std::runtime_error("asyncdiff_rt: " + os.str());
     }

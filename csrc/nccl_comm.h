@@ -47,7 +47,7 @@ class NcclComm {
   // In place: `ptr` on `root` is the source, elsewhere the destination.
   void broadcast(std::uintptr_t ptr, std::size_t nbytes, int root, StreamHandle stream);
   // Host wait (with timeout) until `stream` is idle; on timeout or an asynchronous NCCL error aborts the
-  // communicator and throws naming `step`.
+  // communicator and throws naming `step` (a negative step is named by the caller).
   void wait(StreamHandle stream, double timeout_s, std::int64_t step);
   // Throws (after aborting) if NCCL reported an asynchronous error.
   void check_async(std::int64_t step);

@@ -10,6 +10,8 @@ mid-run), "call" (extra pipeline kwargs), "no_generator". Every rank returns, pe
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 
@@ -118,6 +120,7 @@ def run_cases(rank: int, world: int, cases: list[dict]):
         plan = case.get("rank_plans", [case.get("plan")] * world)[rank]
         result: dict = {"status": "ok"}
         ad = None
+        t_calls = None
         try:
             ad = asyncdiff_rt.AsyncDiff(
                 pipe,
@@ -139,6 +142,7 @@ def run_cases(rank: int, world: int, cases: list[dict]):
                 pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
             if case.get("timeline"):
                 ad.record_timeline()
+            t_calls = time.monotonic()
             outputs = [call(case, pipe, rank) for _ in range(case.get("calls", 1))]
             if case.get("timeline"):
                 result["timeline"] = ad.gather_timeline()
@@ -159,6 +163,7 @@ def run_cases(rank: int, world: int, cases: list[dict]):
                 )
         except Exception as err:  # noqa: BLE001 - the test inspects it
             result = {"status": "error", "error": (type(err).__name__, str(err))}
+            result["call_s"] = None if t_calls is None else time.monotonic() - t_calls  # how long the calls ran
         finally:
             if ad is not None:
                 ad.remove()

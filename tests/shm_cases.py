@@ -154,3 +154,26 @@ def run_dead_at_set_up(rank: int, world: int, timeout_s: float) -> dict:
     finally:
         transport.close()
     return out
+
+
+def run_absent_peer(rank: int, world: int, transport: str, timeout_s: float) -> dict:
+    """Issue 14: rank 1 builds AsyncDiff (the set-up agreement passes) and returns without calling the pipeline;
+    rank 0 calls it and must raise TransportError naming peer rank 1 and the phase, within the timeout."""
+    from asyncdiff_rt import AsyncDiff
+    from asyncdiff_rt.tiny import call_kwargs, make_pipeline
+
+    pipe = make_pipeline("sd15", seed=0)
+    ad = AsyncDiff(pipe, model_n=2, stride=1, warm_up=1, transport=transport, timeout_s=timeout_s)
+    out: dict = {"error": None, "elapsed": 0.0}
+    if rank == 1:
+        return out  # gone without a word (the launcher destroys its process group)
+    kwargs = call_kwargs("sd15", steps=4, seed=0)
+    kwargs["output_type"] = "latent"
+    t0 = time.monotonic()
+    try:
+        pipe(**kwargs)
+    except Exception as err:  # noqa: BLE001 - the test inspects it
+        out["error"] = (type(err).__name__, str(err))
+    out["elapsed"] = time.monotonic() - t0
+    ad.remove()
+    return out

@@ -7,7 +7,9 @@ warm-up hands outputs down a chain of ranks this way), so counters of sequence n
 is issued by every rank of the transport in the same order. On GPU transports they are *enqueued*: the sends read
 their tensors after all work already queued on the caller's current stream, and work the caller queues on that
 stream afterwards sees the received data. Host-synchronous transports (gloo) simply complete before returning.
-Every wait inside a transport has a timeout and raises `TransportError` naming the peer and the step.
+Every wait inside a transport has a timeout and raises `TransportError` naming the peer and the step, or the
+phase where no step applies (`all_gather_object` / `broadcast_object`: "set-up agreement", or what the caller
+names in `phase`, e.g. "plan agreement", "call agreement").
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ class Transport(ABC):
         """Overwrite `tensor` on every rank with rank `src`'s."""
 
     @abstractmethod
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        """Small set-up metadata (plan hash, dtype, device type) from every rank, in rank order."""
+    def all_gather_object(self, obj: Any, phase: str | None = None) -> list[Any]:
+        """Small set-up metadata (plan hash, dtype, device type) from every rank, in rank order. `phase` names the
+        agreement in errors (default "set-up agreement")."""
 
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        return self.all_gather_object(obj)[src]
+    def broadcast_object(self, obj: Any, src: int = 0, phase: str | None = None) -> Any:
+        return self.all_gather_object(obj, phase)[src]
 
     def synchronize(self) -> None:  # noqa: B027
         """Wait (with the timeout) until everything enqueued so far has completed."""

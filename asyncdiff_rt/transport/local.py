@@ -23,5 +23,5 @@ class LocalTransport(Transport):
     def broadcast(self, tensor: torch.Tensor, src: int, step: int) -> None:
         pass
 
-    def all_gather_object(self, obj: Any) -> list[Any]:
+    def all_gather_object(self, obj: Any, phase: str | None = None) -> list[Any]:
         return [obj]

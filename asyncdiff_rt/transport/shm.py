@@ -34,7 +34,6 @@ import atexit
 import itertools
 import os
 import secrets
-import socket
 import threading
 import time
 import weakref
@@ -43,15 +42,14 @@ from typing import Any
 
 import torch
 
-from .. import native
-from .base import Transport, TransportError
+from .base import TransportError
 from .rendezvous import StoreRendezvous, group_store
+from .stream import StreamTransport, nbytes
 from .watchdog import WatchdogThread
 
 __all__ = ["ShmTransport", "StoreRendezvous", "group_store"]
 
 _MIN_CAPACITY = 64 * 1024
-_instances = itertools.count()
 _open_transports: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -64,10 +62,6 @@ def _close_at_exit() -> None:  # a process that exits on an exception still unli
 
 def _round_capacity(nbytes: int) -> int:
     return max(_MIN_CAPACITY, -(-nbytes // _MIN_CAPACITY) * _MIN_CAPACITY)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def _as_device(device: Any) -> torch.device:
@@ -137,38 +131,17 @@ class _Watchdog(WatchdogThread):
         self.clear()
 
 
-class ShmTransport(Transport):
+class ShmTransport(StreamTransport):
     name = "shm"
 
-    def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        store: Any,
-        device: Any = None,
-        timeout_s: float = 60.0,
-        max_inflight: int = 2,
-    ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} out of range for world size {world_size}")
-        self._C = native.load()
-        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
-        self.device = _as_device(device)
+    def _setup(self) -> None:
         self._cuda = self.device.type == "cuda"
-        if self._cuda:
-            try:
-                self._C.check_runtime()
-            except RuntimeError as err:
-                raise TransportError(f"shm transport on {self.device}: {err}") from err
-        self.max_inflight = max(1, max_inflight)
-        self._rdv = StoreRendezvous(store, rank, world_size, f"asyncdiff_rt/shm/{next(_instances)}", timeout_s)
-        where = self._rdv.all_gather((socket.gethostname(), os.getpid()))
-        hosts = [host for host, _ in where]
+        hosts = [host for host, _ in self._where]
         if len(set(hosts)) != 1:
             raise TransportError(f"the shm transport needs every rank on one host; ranks run on {hosts}")
-        self._peer_pids = [pid for _, pid in where]
+        self._peer_pids = [pid for _, pid in self._where]
         self._prefix = self._rdv.from_rank0(
-            "prefix", lambda: f"adrt{os.getpid()}_{secrets.token_hex(4)}".encode(), "the shm name prefix"
+            "prefix", lambda: f"adrt{os.getpid()}_{secrets.token_hex(4)}".encode(), "the shm name prefix (set-up)"
         ).decode()
         self._send: dict[int, _Link] = {}
         self._recv: dict[int, _Link] = {}
@@ -177,15 +150,14 @@ class ShmTransport(Transport):
         self._recv_stream = torch.cuda.Stream(self.device, priority=-1) if self._cuda else None
         self._inflight: list[tuple[int, list[tuple[_Link, int]]]] = []  # (step, [(link, seq)]) oldest first
         self._channels_lock = threading.Lock()  # channel replacement vs. the watchdog
-        self._watchdog: _Watchdog | None = None
-        self._closed = False
         self._failed = False
         _open_transports.add(self)
 
-    @classmethod
-    def from_group(cls, group: Any = None, device: Any = None, timeout_s: float = 60.0) -> ShmTransport:
-        store, rank, world = group_store(group, "shm")
-        return cls(rank, world, store, device=device, timeout_s=timeout_s)
+    def _resolve_device(self, device: Any) -> torch.device:
+        return _as_device(device)
+
+    def _make_watchdog(self) -> _Watchdog:
+        return _Watchdog(self)
 
     # -- channels -----------------------------------------------------------------------------------------------
     def _link(self, peer: int, sending: bool, nbytes: int) -> _Link:
@@ -252,29 +224,23 @@ class ShmTransport(Transport):
             self._link(peer, False, self._packed(recvs[peer]))
 
     def _packed(self, tensors: list[torch.Tensor]) -> int:
-        return self._C.ShmChannel.packed_size([(0, _nbytes(t)) for t in tensors])
+        return self._C.ShmChannel.packed_size([(0, nbytes(t)) for t in tensors])
 
     # -- data movement ------------------------------------------------------------------------------------------
-    def _check_watchdog(self) -> None:
-        if self._watchdog is not None and self._watchdog.error is not None:
-            raise TransportError(self._watchdog.error)
-
     def _fail(self, what: str, peer: int, step: int, err: Exception) -> TransportError:
         # Fail every channel, not only this one: peers' waits raise at once instead of timing out, and this
         # rank's streams blocked on other channels are released. The native message counts the channel's own
         # messages ("step" there is the channel seq).
         self.abort(f"rank {self.rank} failed at step {step}: {err}")
-        if self._watchdog is not None and self._watchdog.error is not None:
-            return TransportError(f"{self._watchdog.error} ({what} with peer rank {peer}: {err})")
+        if self._watchdog_error() is not None:
+            return TransportError(f"{self._watchdog_error()} ({what} with peer rank {peer}: {err})")
         return TransportError(
             f"shm {what} at step {step} between rank {self.rank} and peer rank {peer} failed: {err}; "
             "this rank's shm regions were unlinked"
         )
 
     def _issue(self, what: str, step: int, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]]):
-        if self._closed:
-            raise TransportError(f"shm {what} at step {step}: the transport is closed")
-        self._check_watchdog()
+        self._check_open(what, step)
         self._check(t for ts in sends.values() for t in ts)
         self._check(t for ts in recvs.values() for t in ts)
         # Sends read contiguous views (a copy where needed, made on the caller's stream before the fork).
@@ -287,6 +253,7 @@ class ShmTransport(Transport):
             self._link(peer, True, self._packed(send_parts[peer]))
         for peer in sorted(recv_bufs):
             self._link(peer, False, self._packed(recv_bufs[peer]))
+        self._last_step = step
         if not self._cuda:
             self._run(what, step, send_parts, recv_bufs, 0, 0, None)
         else:
@@ -305,10 +272,7 @@ class ShmTransport(Transport):
             current.wait_stream(self._recv_stream)
             if not capturing and issued:
                 self._inflight.append((step, issued))
-                if self._watchdog is None:
-                    self._watchdog = _Watchdog(self)
-                    self._watchdog.start()
-                self._watchdog.watch(step, [(link.channel, seq) for link, seq in issued])
+                self._watch(step, [(link.channel, seq) for link, seq in issued])
         for peer, ts in recvs.items():
             for t, buf in zip(ts, recv_bufs[peer]):
                 if buf is not t:
@@ -319,7 +283,7 @@ class ShmTransport(Transport):
             link = self._send[peer]
             link.seq += 1
             try:
-                link.channel.send(link.seq, [(t.data_ptr(), _nbytes(t)) for t in send_parts[peer]], send_stream)
+                link.channel.send(link.seq, [(t.data_ptr(), nbytes(t)) for t in send_parts[peer]], send_stream)
             except RuntimeError as err:
                 raise self._fail(what, peer, step, err) from err
             if issued is not None:
@@ -328,7 +292,7 @@ class ShmTransport(Transport):
             link = self._recv[peer]
             link.seq += 1
             try:
-                link.channel.recv(link.seq, [(t.data_ptr(), _nbytes(t)) for t in recv_bufs[peer]], recv_stream)
+                link.channel.recv(link.seq, [(t.data_ptr(), nbytes(t)) for t in recv_bufs[peer]], recv_stream)
             except RuntimeError as err:
                 raise self._fail(what, peer, step, err) from err
             if issued is not None:
@@ -355,9 +319,6 @@ class ShmTransport(Transport):
         else:
             self._issue("broadcast", step, {}, {src: [tensor]})
 
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        return self._rdv.all_gather(obj)
-
     def synchronize(self) -> None:
         self._check_watchdog()
         if self._cuda:
@@ -376,14 +337,9 @@ class ShmTransport(Transport):
             for channel in self._channels():
                 channel.abort(reason)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _close(self) -> None:
         _open_transports.discard(self)
-        if self._watchdog is not None:
-            self._watchdog.stop()
-        failed = self._failed or (self._watchdog is not None and self._watchdog.error is not None)
+        failed = self._failed or self._watchdog_error() is not None
         deadline = time.monotonic() + self.timeout_s
         for link in itertools.chain(self._send.values(), self._recv.values()):
             for channel in link.retired + ([link.channel] if link.channel is not None else []):
@@ -392,9 +348,3 @@ class ShmTransport(Transport):
                 channel.close()  # waits for its enqueued GPU work (with the timeout), unmaps, unlinks (creator)
             link.channel, link.retired = None, []
         self._inflight.clear()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass

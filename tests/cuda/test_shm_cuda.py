@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import time
 import traceback
 import uuid
@@ -151,7 +152,10 @@ def test_shm_channel_gpu_timeout_releases_stream(C, die):
         ch.wait(3, 10.0 if die else 1.0)
     assert time.monotonic() - t0 < 9.0
     torch.cuda.synchronize()  # the stream was released: this returns
-    assert after.shape == (16,)
+    # Nothing was ever sent: the released recv copied the fresh (zero-filled) slot, and the work queued behind it
+    # ran after that copy.
+    assert torch.equal(buf.cpu(), torch.zeros(16)), buf
+    assert torch.equal(after.cpu(), torch.ones(16)), after
     assert ch.failed
     with pytest.raises(RuntimeError, match="failed earlier"):
         ch.recv(4, _parts([buf]), _stream())
@@ -283,6 +287,7 @@ def _transport_dies(rank: int, store_path: str, host_sync_first: bool):
     tr.synchronize()
     if rank == 1:
         os._exit(0)
+    t0 = time.monotonic()
     try:
         for step in range(1, 4):
             y = torch.empty(10, device="cuda")
@@ -294,8 +299,8 @@ def _transport_dies(rank: int, store_path: str, host_sync_first: bool):
         tr.synchronize()
     except TransportError as err:
         torch.cuda.synchronize()  # released
-        return str(err)
-    return "no error"
+        return str(err), time.monotonic() - t0
+    return "no error", 0.0
 
 
 @pytest.mark.parametrize("host_sync_first", [False, True], ids=["transport_sync", "host_sync"])
@@ -303,10 +308,13 @@ def test_shm_transport_cuda_dead_peer(C, tmp_path, host_sync_first):
     store_path = str(tmp_path / "store")
     t0 = time.monotonic()
     p0, p1 = (_spawn(_transport_dies, r, store_path, host_sync_first) for r in range(2))
-    message = _collect(*p0)
+    message, waited = _collect(*p0)
     p1[0].join(timeout=30)
-    assert "peer rank 1" in message and "step" in message, message
-    assert time.monotonic() - t0 < 60
+    # rank 1 exits after step 0: the first exchange rank 0 waits for (step 1) names it, through its pid
+    assert re.search(r"peer rank 1\b", message) and re.search(r"\bstep 1\b", message), message
+    assert "exited" in message, message
+    assert waited < 5.0 + 3, waited  # the transport's timeout is 5 s; the dead pid is noticed before it
+    assert time.monotonic() - t0 < 5.0 + 45  # process starts (CUDA contexts) included
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,7 +346,13 @@ def test_nccl_world_of_one(C, tmp_path):
     for step in range(4):
         tr.exchange(step, {0: [a * step]}, {0: [b]})
         assert torch.equal(b, a * step)
-    tr.broadcast(a, src=0, step=4)
+    a0 = a.clone()
+    tr.broadcast(a, src=0, step=4)  # a world of one: the source keeps its data
+    assert torch.equal(a, a0)
+    b.fill_(-1)
+    tr.exchange(5, {0: [a]}, {0: [b]})  # the transport still works after the broadcast
+    tr.synchronize()
+    assert torch.equal(b, a)
     assert tr.all_gather_object({"r": 0}) == [{"r": 0}]
     tr.synchronize()
     tr.close()
