@@ -72,7 +72,7 @@ class LoopGuard:
             "the guidance scale": self.call.get("guidance_scale"),
             "the starting latents": digest(sample),
         }
-        everyone = self.transport.all_gather_object(mine)
+        everyone = self.transport.all_gather_object(mine, phase="call set-up: agreement on the call's arguments")
         for key in mine:
             values = [e[key] for e in everyone]
             if any(v != values[0] for v in values):
@@ -108,7 +108,7 @@ class LoopGuard:
                 "CFG off?); the runtime keeps per-step state of the batch: keep it fixed"
             )
         if self.debug and self.transport is not None:
-            digests = self.transport.all_gather_object(digest(sample))
+            digests = self.transport.all_gather_object(digest(sample), phase=f"debug check of step {k}")
             if len(set(digests)) > 1:
                 raise RuntimeError(f"debug: latents differ across ranks at step {k}: {digests}")
 

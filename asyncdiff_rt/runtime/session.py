@@ -148,14 +148,14 @@ class Session:
                 decided = ("error", f"{type(err).__name__}: {err}")
         else:
             decided = None
-        status, text = self.world.broadcast_object(decided, src=0)
+        status, text = self.world.broadcast_object(decided, src=0, phase=f"set-up: {what} on rank 0")
         if status != "ok":
             raise ConfigError(f"rank 0 could not {what}: {text}")
         return text
 
     def agree(self, mine: dict[str, Any], when: str = "") -> None:
         """Every rank's `mine` must be equal; name the first key that differs, per rank."""
-        everyone = self.world.all_gather_object(mine)
+        everyone = self.world.all_gather_object(mine, phase="set-up agreement: plan, dtype, device, configuration")
         for key in mine:
             values = [e.get(key) for e in everyone]
             if any(v != values[0] for v in values):
@@ -190,7 +190,7 @@ class Session:
         if self.accepts("generator") and kwargs.get("generator") is None and kwargs.get("latents") is None:
             # every rank must start from the same noise: rank 0 draws the seed
             draw = random.randrange(2**63) if self.global_rank == 0 else None
-            seed = self.world.broadcast_object(draw, src=0)
+            seed = self.world.broadcast_object(draw, src=0, phase="call set-up: agreement on the starting noise")
             kwargs["generator"] = torch.Generator(device=self.device).manual_seed(seed)
         if self.global_rank != 0 and self.accepts("output_type"):
             kwargs["output_type"] = "latent"  # only rank 0 decodes (documented)

@@ -250,7 +250,7 @@ class AsyncDiff:
 
     def gather_timeline(self) -> list[list[dict[str, Any]]]:
         """Every rank's spans of the last recorded call, in rank order (a collective: call it on every rank)."""
-        return self.session.world.all_gather_object(self.timeline.intervals())
+        return self.session.world.all_gather_object(self.timeline.intervals(), phase="timeline gather")
 
     def schedule(self, num_steps: int) -> list[Step]:
         return make_schedule(num_steps, self.model_n, self.stride, self.warm_up, self.time_shift, self.stride_eps)
