@@ -15,16 +15,21 @@ import torch
 DTYPE = torch.float64
 
 
-def pipe_of(kind: str):
+def pipe_of(kind: str, device: str = "cpu"):
     from asyncdiff_rt.tiny import make_pipeline
 
+    if device != "cpu":  # fp32 on a GPU, without TF32: the halves then round apart at ~1e-6
+        from dist_cases import exact_gpu_math
+
+        exact_gpu_math()
+        return make_pipeline(kind, seed=0, device=device)
     return make_pipeline(kind, seed=0, dtype=DTYPE)
 
 
 def call_kwargs(case: dict, rank: int = 0) -> dict:
     from asyncdiff_rt.tiny import call_kwargs as tiny_kwargs
 
-    kwargs = tiny_kwargs(case["kind"], steps=case.get("steps", 4), seed=0)
+    kwargs = tiny_kwargs(case["kind"], steps=case.get("steps", 4), seed=0, device=case.get("device", "cpu"))
     kwargs["output_type"] = "latent"
     kwargs.update(case.get("call", {}))
     if case.get("kill_rank") == rank:
@@ -41,7 +46,7 @@ def call_kwargs(case: dict, rank: int = 0) -> dict:
 def latents(out) -> torch.Tensor:
     from asyncdiff_rt.tiny import output_of
 
-    return output_of(out).detach().clone()
+    return output_of(out).detach().clone().cpu()
 
 
 def run_cases(rank: int, world: int, cases: list[dict]) -> list:
@@ -50,7 +55,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
 
     results = []
     for case in cases:
-        pipe = pipe_of(case["kind"])
+        pipe = pipe_of(case["kind"], case.get("device", "cpu"))
         ad = None
         try:
             cfg = case.get("rank_cfg", [True] * world)[rank] if "rank_cfg" in case else case.get("cfg", True)
@@ -80,7 +85,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
 def halves_reference(case: dict) -> torch.Tensor:
     """Plain diffusers with the denoiser run once per guidance half (what CFG parallelism computes), written
     apart from the runtime: every tensor argument whose leading size is a multiple of the batch is halved."""
-    pipe = pipe_of(case["kind"])
+    pipe = pipe_of(case["kind"], case.get("device", "cpu"))
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     forward = denoiser.forward
 
@@ -117,7 +122,7 @@ def halves_reference(case: dict) -> torch.Tensor:
 def simulated(case: dict) -> torch.Tensor:
     from asyncdiff_rt import simulate
 
-    pipe = pipe_of(case["kind"])
+    pipe = pipe_of(case["kind"], case.get("device", "cpu"))
     torch.set_num_threads(1)
     with torch.no_grad():
         out = simulate(
@@ -128,7 +133,7 @@ def simulated(case: dict) -> torch.Tensor:
 
 
 def plain(case: dict) -> torch.Tensor:
-    pipe = pipe_of(case["kind"])
+    pipe = pipe_of(case["kind"], case.get("device", "cpu"))
     torch.set_num_threads(1)
     with torch.no_grad():
         return latents(pipe(**call_kwargs(case)))
