@@ -22,6 +22,7 @@ from ...models.denoiser import (
     TimestepArg,
     check_scheduler,
     class_forward,
+    effective_warm_up,
     first_tensor,
     loop_timesteps,
     replace_first_tensor,
@@ -142,6 +143,8 @@ class PatchParallel:
         self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device)
         self._signature: Any = None
         self._out_bytes = 0
+        self._call_steps: Any = None
+        self._call_warm_up = warm_up
         self._timestep_arg = TimestepArg(class_forward(self.denoiser))
         self.guard = LoopGuard(
             self.session.world if self.session.distributed else None, self.debug, self.adapter.timestep_divisor
@@ -227,6 +230,7 @@ class PatchParallel:
         self.reset_state()
         self.timeline.clear()
         self.guard.begin_call(kwargs, self._default_steps)
+        self._call_steps = kwargs.get("num_inference_steps", self._default_steps)
         if self.cfg is not None:
             self.cfg.check_call(self.pipe, kwargs)
         return kwargs
@@ -245,6 +249,8 @@ class PatchParallel:
         check_rows(sample.shape[-2], self.patches, self.factor, f"the latent height {sample.shape[-2]}")
         tau_host = [float(x) for x in loop_timesteps(self.pipe.scheduler).detach().cpu()]
         self.guard.begin_loop(tau_host, full, sample)
+        # warm_up >= the steps asked for runs exact, also where the scheduler calls the denoiser once more (PNDM)
+        self._call_warm_up = effective_warm_up(self.warm_up, self._call_steps, len(tau_host))
         signature = _shapes_of(bound.arguments)
         if signature != self._signature:  # new shapes: register the exchange points again at step 0
             self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device)
@@ -264,7 +270,7 @@ class PatchParallel:
                 self._begin_loop(full, sample, bound)
             self.guard.check_step(k, full, sample)
             ex = self.exchange
-            ex.begin_step(StepPolicy(self.sync_mode, self.warm_up, k))
+            ex.begin_step(StepPolicy(self.sync_mode, self._call_warm_up, k))
             with self.timeline.span("warm-up" if ex.policy.exact else "compute", k):
                 out = original(*args, **kwargs)
             with self.timeline.span("exchange", k, "comm"):
