@@ -63,6 +63,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
                 timeout_s=case.get("timeout_s", 60),
                 patches=case.get("patches"),
                 debug=case.get("debug", False),
+                cfg_parallel=case.get("cfg", False),
             )
             outs = []
             for _ in range(case.get("calls", 1)):

@@ -4,7 +4,8 @@ Float64 tiny pipelines (tests/patch_cases.py), one spawn per world size running 
 processes every sync mode equals the single-process definition, `asyncdiff_rt.simulate(strategy="patch")`, on
 SD 1.5 (128 px: 16 latent rows = 2 x 2^3) and SDXL (64 px: 8 = 2 x 2^2), while the stale modes are far from plain
 diffusers; `full_sync` and warm_up >= steps equal plain diffusers; P=3 (SDXL 96 px), shm, two calls in a row, a dead
-peer, and bad input refused alike on every rank (or before any communication, in this process).
+peer, cfg_parallel (4 processes: 2 patches x 2 guidance halves), and bad input refused alike on every rank (or
+before any communication, in this process).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ CASES_3 = {
     f"sdxl_p3_{m}": dict(kind="sdxl", size=96, sync_mode=m, steps=3, warm_up=1)
     for m in ("corrected_async_gn", "full_sync")
 }
+
+CASES_4 = {"sd15_cfg": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=1, cfg=True)}
 
 _RESULTS: dict = {}
 
@@ -121,6 +124,14 @@ def test_three_patches_equal_the_simulator(mode):
         torch.testing.assert_close(got[0], ref, rtol=0, atol=TIGHT, msg=f"rank {rank}")
     if mode == "full_sync":
         torch.testing.assert_close(ref, plain(case), rtol=0, atol=TIGHT)
+
+
+def test_cfg_parallel_on_four_processes_equals_the_simulator():
+    # Each guidance half runs batch 1 where the simulator runs batch 2: other kernels, rounding at ~1e-10.
+    case = CASES_4["sd15_cfg"]
+    ref = simulated(case, patches=2)
+    for rank, got in enumerate(ok(results(4, CASES_4)["sd15_cfg"])):
+        torch.testing.assert_close(got[0], ref, rtol=0, atol=1e-7, msg=f"rank {rank}")
 
 
 def test_height_that_does_not_split_is_refused_on_every_rank():

@@ -39,7 +39,7 @@ def check_denoiser(pipe: Any) -> torch.nn.Module:
     for name, module in denoiser.named_modules():
         if isinstance(module, torch.nn.Conv2d) and module is not conv_in:
             _check_conv(name, module)
-        elif isinstance(module, torch.nn.GroupNorm) or not isinstance(module, torch.nn.Module):
+        elif isinstance(module, torch.nn.GroupNorm):
             continue
         elif "GroupNorm" in type(module).__name__ or type(module).__name__ == "SpatialNorm":
             raise ConfigError(f"PatchParallel cannot split {name} ({type(module).__name__}) across patches")
