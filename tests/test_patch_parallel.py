@@ -182,7 +182,10 @@ def test_bad_options_are_refused(options, match):
     assert _no_hooks(pipe)
 
 
-@pytest.mark.parametrize("kind, match", [("sd3", "has a transformer"), ("svd", "does not split video denoisers")])
+@pytest.mark.parametrize(
+    "kind, match",
+    [("sd3", "has a transformer"), ("svd", "does not split video denoisers"), ("sdxl_controlnet", "ControlNet")],
+)
 def test_transformers_and_video_are_refused(kind, match):
     from asyncdiff_rt.tiny import make_pipeline
 

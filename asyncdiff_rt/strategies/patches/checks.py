@@ -22,6 +22,11 @@ def check_denoiser(pipe: Any) -> torch.nn.Module:
             f"PatchParallel splits UNet pipelines into row patches; {type(pipe).__name__} has a transformer "
             f"({type(pipe.transformer).__name__}), whose patch split is not implemented: use asyncdiff_rt.AsyncDiff"
         )
+    if isinstance(getattr(pipe, "controlnet", None), torch.nn.Module):
+        raise ConfigError(
+            f"PatchParallel does not split ControlNet pipelines yet ({type(pipe).__name__}): the ControlNet's "
+            "residuals would need the same row patches; use asyncdiff_rt.AsyncDiff"
+        )
     denoiser = getattr(pipe, "unet", None)
     if not isinstance(denoiser, torch.nn.Module):
         raise ConfigError(f"{type(pipe).__name__} has no `unet` denoiser for PatchParallel to split into patches")
