@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .compiler.plan import Plan, PlanError, Segment, load_plan
 from .models.denoiser import DenoiserError
 from .simulators import simulate
+from .strategies.patches import PatchParallel
 from .strategies.segments.asyncdiff import AsyncDiff, ConfigError
 from .strategies.segments.schedule import Step, make_schedule
 from .transport import TransportError
@@ -27,6 +28,7 @@ __all__ = [
     "AsyncDiff",
     "ConfigError",
     "DenoiserError",
+    "PatchParallel",
     "Plan",
     "PlanError",
     "Segment",

@@ -1,0 +1,159 @@
+"""What each layer of the denoiser computes on this rank's rows (DESIGN §10), as forward overrides.
+
+Rank p holds rows [pH/P, (p+1)H/P) of every feature map below `conv_in`. Three kinds of layer need other
+patches' data, through `PatchExchange.share` (exchange.py): convolutions with a vertical extent (halo rows from
+the neighbours' inputs), GroupNorm (per-group moments) and self-attention (keys and values over all rows). The
+step's `StepPolicy` (modes.py) says whether those values are fresh, stale or not exchanged at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .exchange import PatchExchange
+
+__all__ = ["halo_rows", "conv_in_forward", "halo_conv_forward", "group_norm_forward", "self_attention_forward"]
+
+
+def halo_rows(conv: torch.nn.Conv2d, rows: int) -> tuple[int, int]:
+    """Rows above and below a patch of `rows` input rows that `conv` reads to make its rows // stride output
+    rows: its vertical padding above; below only what the last output row reaches (0 for stride-2 3x3)."""
+    kernel, stride, dilation = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
+    above, span = conv.padding[0], dilation * (kernel - 1) + 1
+    below = max(0, (rows // stride - 1) * stride + span - above - rows)
+    return above, below
+
+
+def _conv_rows(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv` on rows that already carry their vertical halo: only the horizontal padding is left to add."""
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, (0, conv.padding[1]), conv.dilation, conv.groups)
+
+
+# ---- conv_in --------------------------------------------------------------------------------------------------------
+
+
+def conv_in_forward(ex: PatchExchange, conv: torch.nn.Conv2d, original: Callable) -> Callable:
+    """`conv_in` reads the full latent every rank holds: its own output rows, exact, nothing exchanged."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        height = x.shape[-2]
+        rows = height // ex.world
+        start, end = ex.rank * rows, (ex.rank + 1) * rows
+        if ex.policy.sync_mode == "naive":  # each patch an image of its own: zero padding at its borders
+            return original(x[..., start:end, :])
+        above, below = halo_rows(conv, rows)
+        lo, hi = max(0, start - above), min(height, end + below)
+        padded = F.pad(x[..., lo:hi, :], (0, 0, above - (start - lo), below - (hi - end)))  # zeros at the border
+        return _conv_rows(conv, padded)
+
+    return forward
+
+
+# ---- convolutions with a vertical halo ------------------------------------------------------------------------------
+
+
+def halo_conv_forward(ex: PatchExchange, name: str, conv: torch.nn.Conv2d, original: Callable) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        source = ex.policy.halo_source
+        rows = x.shape[-2]
+        above, below = halo_rows(conv, rows)
+        if source == "none" or above == below == 0:
+            return original(x)
+        if rows < max(above, below):
+            raise RuntimeError(f"PatchParallel: {name} needs {max(above, below)} halo rows, a patch has {rows}")
+        # The patch above needs our top `below` rows (its lower halo); the patch below our bottom `above` rows.
+        own = {}
+        if below:
+            own["top"] = x[..., :below, :]
+        if above:
+            own["bottom"] = x[..., rows - above :, :]
+        _, others = ex.share(ex.point(name), own, fresh=source == "fresh", full_numel=x.numel())
+        parts = []
+        if above:
+            up = others["bottom"].get(ex.rank - 1)
+            parts.append(up if up is not None else x.new_zeros((*x.shape[:-2], above, x.shape[-1])))
+        parts.append(x)
+        if below:
+            down = others["top"].get(ex.rank + 1)
+            parts.append(down if down is not None else x.new_zeros((*x.shape[:-2], below, x.shape[-1])))
+        return _conv_rows(conv, torch.cat(parts, dim=-2))
+
+    return forward
+
+
+# ---- GroupNorm ------------------------------------------------------------------------------------------------------
+
+
+def _widened(x: torch.Tensor, groups: int) -> torch.Tensor:
+    # Half-precision moments accumulate in float32, as torch's GroupNorm does; float64 stays float64.
+    return x.reshape(x.shape[0], groups, -1).to(torch.promote_types(x.dtype, torch.float32))
+
+
+def group_norm_forward(ex: PatchExchange, name: str, norm: torch.nn.GroupNorm, original: Callable) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rule = ex.policy.norm_rule
+        if rule == "own" or ex.world == 1:
+            return original(x)
+        flat = _widened(x, norm.num_groups)
+        own = torch.stack([flat.mean(-1), flat.square().mean(-1)])  # (2, batch, groups): E[x], E[x^2]
+        then, others = ex.share(ex.point(name), {"gn": own}, fresh=rule == "exact", full_numel=x.numel())
+        own_then, theirs = then["gn"], sum(others["gn"].values())
+        if rule == "exact":  # equal patch sizes: the image's moments are the mean of the patches'
+            moments = (own + theirs) / ex.world
+        elif rule == "corrected":  # last step's image moments, moved by how far our own patch moved since
+            moments = (own_then + theirs) / ex.world + (own - own_then)
+        else:  # stale: own fresh, the others' of the step before
+            moments = (own + theirs) / ex.world
+        mean, var = moments[0], moments[1] - moments[0].square()
+        if rule == "exact":
+            var = var.clamp_min(0)  # negative only by rounding, for near-constant groups
+        else:  # a stale combination can come out negative: the own patch's fresh (two-pass) variance then
+            var = torch.where(var < 0, flat.var(-1, unbiased=False), var)
+        y = ((flat - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
+        if norm.affine:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            y = y * norm.weight.to(y.dtype).reshape(shape) + norm.bias.to(y.dtype).reshape(shape)
+        return y.to(x.dtype)
+
+    return forward
+
+
+# ---- self-attention -------------------------------------------------------------------------------------------------
+
+
+def self_attention_forward(ex: PatchExchange, name: str, attn: Any, original: Callable) -> Callable:
+    """diffusers `Attention` without text states: queries of own tokens, keys/values of every patch's tokens in
+    row order (own fresh). Cross-attention (text keys) is local."""
+
+    def forward(hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        source = ex.policy.halo_source
+        if encoder_hidden_states is not None or source == "none" or ex.world == 1:
+            return original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        if hidden_states.dim() != 3 or attention_mask is not None or kwargs:
+            raise NotImplementedError(
+                f"PatchParallel: self-attention {name} needs 3-D tokens without a mask or extra arguments "
+                f"(got {hidden_states.dim()}-D, mask={attention_mask is not None}, {sorted(kwargs)})"
+            )
+        batch = hidden_states.shape[0]
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        own = torch.stack([k, v])  # (2, batch, tokens, inner)
+        _, others = ex.share(ex.point(name), {"kv": own}, fresh=source == "fresh", full_numel=hidden_states.numel())
+        kv = torch.cat([own if p == ex.rank else others["kv"][p] for p in range(ex.world)], dim=2)
+        heads = attn.heads
+        head_dim = q.shape[-1] // heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, -1, heads, head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(q), split(kv[0]), split(kv[1]), scale=attn.scale)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    return forward

@@ -1,0 +1,98 @@
+"""Worker side of the PatchParallel tests (tests/test_patch_parallel.py). Pipelines in float64, so that the
+runtime and the simulator (`asyncdiff_rt.simulate(strategy="patch")`), which sum the same values in other orders,
+agree to ~1e-12, far below what a wrong halo, slot or moment moves.
+
+A case: kind, size (the call's height and width), steps, warm_up, sync_mode, transport, calls (pipeline calls in
+a row), kill_rank (that rank exits at step 2), timeout_s, rank_mode (sync_mode per rank), patches, call (extra
+call kwargs). Every rank returns per case ("ok", [latents per call], bytes per step) or ("error", type, message).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DTYPE = torch.float64
+
+
+def pipe_of(kind: str):
+    from asyncdiff_rt.tiny import make_pipeline
+
+    return make_pipeline(kind, seed=0, dtype=DTYPE)
+
+
+def call_kwargs(case: dict, rank: int = 0) -> dict:
+    from asyncdiff_rt.tiny import call_kwargs as tiny_kwargs
+
+    kwargs = tiny_kwargs(case["kind"], steps=case.get("steps", 4), seed=0, size=case.get("size"))
+    kwargs["output_type"] = "latent"
+    kwargs.update(case.get("call", {}))
+    if case.get("kill_rank") == rank:
+
+        def die(pipe, i, t, callback_kwargs):
+            if i == 2:
+                os._exit(3)  # a peer dying mid-run, without a word
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = die
+    return kwargs
+
+
+def latents(out) -> torch.Tensor:
+    from asyncdiff_rt.tiny import output_of
+
+    return output_of(out).detach().clone()
+
+
+def run_cases(rank: int, world: int, cases: list[dict]) -> list:
+    torch.set_num_threads(1)
+    from asyncdiff_rt import PatchParallel
+
+    results = []
+    for case in cases:
+        pipe = pipe_of(case["kind"])
+        pp = None
+        try:
+            mode = case["rank_mode"][rank] if "rank_mode" in case else case.get("sync_mode", "corrected_async_gn")
+            pp = PatchParallel(
+                pipe,
+                warm_up=case.get("warm_up", 2),
+                sync_mode=mode,
+                transport=case.get("transport", "gloo"),
+                timeout_s=case.get("timeout_s", 60),
+                patches=case.get("patches"),
+                debug=case.get("debug", False),
+                cfg_parallel=case.get("cfg", False),
+            )
+            outs = []
+            for _ in range(case.get("calls", 1)):
+                with torch.no_grad():
+                    outs.append(latents(pipe(**call_kwargs(case, rank))))
+            results.append(("ok", outs, pp.bytes_per_step()))
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            results.append(("error", type(err).__name__, str(err)))
+        finally:
+            if pp is not None:
+                pp.remove()
+    return results
+
+
+def simulated(case: dict, patches: int) -> torch.Tensor:
+    from asyncdiff_rt import simulate
+
+    pipe = pipe_of(case["kind"])
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        out = simulate(
+            pipe, strategy="patch", patches=patches, warm_up=case.get("warm_up", 2),
+            sync_mode=case.get("sync_mode", "corrected_async_gn"), **call_kwargs(case),
+        )  # fmt: skip
+    return latents(out)
+
+
+def plain(case: dict) -> torch.Tensor:
+    pipe = pipe_of(case["kind"])
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        return latents(pipe(**call_kwargs(case)))

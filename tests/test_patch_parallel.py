@@ -1,0 +1,202 @@
+"""PatchParallel (asyncdiff_rt/strategies/patches/): displaced patch parallelism over processes, on CPU.
+
+Float64 tiny pipelines (tests/patch_cases.py), one spawn per world size running every case: over gloo with 2
+processes every sync mode equals the single-process definition, `asyncdiff_rt.simulate(strategy="patch")`, on
+SD 1.5 (128 px: 16 latent rows = 2 x 2^3) and SDXL (64 px: 8 = 2 x 2^2), while the stale modes are far from plain
+diffusers; `full_sync` and warm_up >= steps equal plain diffusers; P=3 (SDXL 96 px), shm, two calls in a row, a dead
+peer, cfg_parallel (4 processes: 2 patches x 2 guidance halves), and bad input refused alike on every rank (or
+before any communication, in this process).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from patch_cases import pipe_of, plain, run_cases, simulated
+
+from asyncdiff_rt import ConfigError, PatchParallel
+from asyncdiff_rt.strategies.patches import SYNC_MODES
+from asyncdiff_rt.tools.launch import WorkerError, spawn
+
+TIGHT = 1e-8  # float64: runtime and simulator differ by summation order only (~1e-13)
+FAR = 1e-3  # stale values move the latents far more than that
+STALE = ("corrected_async_gn", "stale_gn", "sync_gn", "separate_gn", "no_sync", "naive")
+SIZES = {"sd15": 128, "sdxl": 64}
+
+CASES_2 = {
+    **{f"{k}_{m}": dict(kind=k, size=SIZES[k], sync_mode=m, steps=3, warm_up=1) for k in SIZES for m in SYNC_MODES},
+    "sd15_exact_warm_up": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=3),
+    "sd15_two_calls": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=1, calls=2),
+    "sd15_shm": dict(kind="sd15", size=128, sync_mode="stale_gn", steps=3, warm_up=1, transport="shm"),
+    "bad_height": dict(kind="sd15", size=64),
+    "bad_disagree": dict(kind="sd15", size=128, rank_mode=["corrected_async_gn", "stale_gn"]),
+    "bad_world": dict(kind="sd15", size=128, patches=3),
+}
+CASES_3 = {
+    f"sdxl_p3_{m}": dict(kind="sdxl", size=96, sync_mode=m, steps=3, warm_up=1)
+    for m in ("corrected_async_gn", "full_sync")
+}
+
+CASES_4 = {"sd15_cfg": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=1, cfg=True)}
+
+_RESULTS: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def results(world: int, cases: dict) -> dict:
+    if world not in _RESULTS:
+        names = list(cases)
+        per_rank = spawn(run_cases, world, [cases[n] for n in names], timeout_s=900)
+        _RESULTS[world] = {n: [r[i] for r in per_rank] for i, n in enumerate(names)}
+    return _RESULTS[world]
+
+
+def ok(per_rank):
+    for rank, got in enumerate(per_rank):
+        assert got[0] == "ok", f"rank {rank}: {got}"
+    return [got[1] for got in per_rank]
+
+
+def refused(per_rank, *needles):
+    for rank, got in enumerate(per_rank):
+        assert got[0] == "error" and got[1] == "ConfigError", f"rank {rank}: {got}"
+        for needle in needles:
+            assert needle in got[2], f"rank {rank}: {got[2]}"
+
+
+@pytest.mark.parametrize("mode", SYNC_MODES)
+@pytest.mark.parametrize("kind", list(SIZES))
+def test_every_sync_mode_equals_the_simulator(kind, mode):
+    case = CASES_2[f"{kind}_{mode}"]
+    outs = ok(results(2, CASES_2)[f"{kind}_{mode}"])
+    ref = simulated(case, patches=2)
+    for rank, got in enumerate(outs):
+        torch.testing.assert_close(got[0], ref, rtol=0, atol=TIGHT, msg=f"rank {rank}")
+    exact = plain(case)
+    if mode in STALE:
+        assert (ref - exact).abs().max() > FAR, "a stale mode should be far from the exact run"
+    else:  # full_sync
+        torch.testing.assert_close(outs[0][0], exact, rtol=0, atol=TIGHT)
+
+
+def test_warm_up_over_every_step_equals_plain_diffusers():
+    case = CASES_2["sd15_exact_warm_up"]
+    for got in ok(results(2, CASES_2)["sd15_exact_warm_up"]):
+        torch.testing.assert_close(got[0], plain(case), rtol=0, atol=TIGHT)
+
+
+def test_two_calls_in_a_row_identical():
+    for got in ok(results(2, CASES_2)["sd15_two_calls"]):
+        assert torch.equal(got[0], got[1])
+
+
+def test_shm_equals_the_simulator():
+    case = CASES_2["sd15_shm"]
+    ref = simulated(case, patches=2)
+    for got in ok(results(2, CASES_2)["sd15_shm"]):
+        torch.testing.assert_close(got[0], ref, rtol=0, atol=TIGHT)
+
+
+def test_bytes_per_step_halos_to_neighbours_kv_and_moments_to_all():
+    per_rank = results(2, CASES_2)
+    full = per_rank["sd15_corrected_async_gn"][0][2]
+    assert full["halo"] > 0 and full["kv"] > 0 and full["gn"] > 0 and full["output"] > 0
+    assert full["halo"] + full["kv"] + full["gn"] < full["all_gather"]
+    assert per_rank["sd15_separate_gn"][0][2]["gn"] == 0  # own moments only
+    assert sum(per_rank["sd15_no_sync"][0][2][r] for r in ("halo", "kv", "gn")) == 0
+
+
+@pytest.mark.parametrize("mode", ["corrected_async_gn", "full_sync"])
+def test_three_patches_equal_the_simulator(mode):
+    case = CASES_3[f"sdxl_p3_{mode}"]
+    ref = simulated(case, patches=3)
+    for rank, got in enumerate(ok(results(3, CASES_3)[f"sdxl_p3_{mode}"])):
+        torch.testing.assert_close(got[0], ref, rtol=0, atol=TIGHT, msg=f"rank {rank}")
+    if mode == "full_sync":
+        torch.testing.assert_close(ref, plain(case), rtol=0, atol=TIGHT)
+
+
+def test_cfg_parallel_on_four_processes_equals_the_simulator():
+    # Each guidance half runs batch 1 where the simulator runs batch 2: other kernels, rounding at ~1e-10.
+    case = CASES_4["sd15_cfg"]
+    ref = simulated(case, patches=2)
+    for rank, got in enumerate(ok(results(4, CASES_4)["sd15_cfg"])):
+        torch.testing.assert_close(got[0], ref, rtol=0, atol=1e-7, msg=f"rank {rank}")
+
+
+def test_height_that_does_not_split_is_refused_on_every_rank():
+    refused(results(2, CASES_2)["bad_height"], "height 64", "2 x 8 = 16", "multiple of 128 pixels")
+
+
+def test_ranks_that_disagree_fail_on_every_rank():
+    refused(results(2, CASES_2)["bad_disagree"], "disagree", "sync_mode")
+
+
+def test_world_size_mismatch_is_refused_on_every_rank():
+    refused(results(2, CASES_2)["bad_world"], "needs 3 processes", "group has 2")
+
+
+def test_dead_peer_makes_the_other_raise_within_the_timeout():
+    case = dict(kind="sd15", size=128, steps=6, warm_up=1, timeout_s=5, kill_rank=1)
+    start = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        spawn(run_cases, 2, [case], timeout_s=120)
+    elapsed = time.monotonic() - start
+    assert "exit code 3" in info.value.errors[1]
+    got = info.value.results[0][0]
+    assert got[0] == "error" and got[1] == "TransportError", got
+    assert "rank 1" in got[2], got[2]
+    assert elapsed < 5 + 40, elapsed
+
+
+# ---- refused before any communication (this process, no process group) ----------------------------------------------
+
+
+def _no_hooks(pipe) -> bool:
+    return "forward" not in pipe.unet.__dict__ and not getattr(type(pipe), "_asyncdiff_rt_hooked", False)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(sync_mode="async"), "unknown sync_mode 'async'"),
+        (dict(warm_up=0), "warm_up must be an integer >= 1"),
+        (dict(compile=True), r"compile=True\) is not supported yet"),
+        (dict(transport="local"), "one process per patch"),
+    ],
+)
+def test_bad_options_are_refused(options, match):
+    pipe = pipe_of("sd15")
+    with pytest.raises(ConfigError, match=match):
+        PatchParallel(pipe, **options)
+    assert _no_hooks(pipe)
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [("sd3", "has a transformer"), ("svd", "does not split video denoisers"), ("sdxl_controlnet", "ControlNet")],
+)
+def test_transformers_and_video_are_refused(kind, match):
+    from asyncdiff_rt.tiny import make_pipeline
+
+    with pytest.raises(ConfigError, match=match):
+        PatchParallel(make_pipeline(kind))
+
+
+def test_a_layer_it_cannot_split_is_refused_by_name():
+    pipe = pipe_of("sd15")
+    config = {k: v for k, v in pipe.unet.config.items() if k != "_use_default_values"}
+    pipe.unet = UNet2DConditionModel.from_config({**config, "downsample_padding": 0})
+    with pytest.raises(ConfigError, match=r"down_blocks\.0\.downsamplers\.0\.conv: .*padding 0.*F\.pad"):
+        PatchParallel(pipe)
+    assert _no_hooks(pipe)
