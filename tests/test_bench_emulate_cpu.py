@@ -279,7 +279,10 @@ def test_bench_main_emulate_branch(monkeypatch, tmp_path):
     assert bench.main(["--model", "tiny:sd15", "--emulate", "2", "--steps", "2", "--runs", "1"]) == 0
     assert got["args"][:4] == ("tiny:sd15", 2, 2, 1)
     with pytest.raises(SystemExit):
-        bench.main(["--model", "tiny:nope", "--emulate", "2"])
+        bench.main(["--model", "nope", "--emulate", "2"])
+    with pytest.raises(ValueError, match="tiny kinds are tiny:sd15"):  # checked in the first child
+        emulate._device_info(0, 1, {"device": "cpu", "model": "tiny:nope"})
+    assert emulate._device_info(0, 1, {"device": "cpu", "model": "tiny:sd15"})["device"] == "cpu"
     with pytest.raises(SystemExit):
         bench.main(["--model", "sdxl", "--emulate", "5"])
 
@@ -336,3 +339,48 @@ def test_orchestration_on_cpu_processes(tmp_path):
                           only=["one"])  # fmt: skip
     data = json.loads((tmp_path / "emulated_tiny_sd15_cpu.json").read_text())
     assert set(data["emulations"]) == {"2", "3"}
+
+
+FAKE_CONTROL = """#!/bin/bash
+# a stand-in nvidia-cuda-mps-control: -d leaves a background "server" with our environment; quit ends it
+if [ "$1" = "-d" ]; then
+  (exec -a nvidia-cuda-mps-server-fake sleep 300) </dev/null >/dev/null 2>&1 &
+  echo $! > "$CUDA_MPS_LOG_DIRECTORY/pid"
+  touch "$CUDA_MPS_PIPE_DIRECTORY/control"
+  exit 0
+fi
+read -r line
+case "$line" in
+  quit) [ -n "$IGNORE_QUIT" ] || kill "$(cat "$CUDA_MPS_LOG_DIRECTORY/pid")" ;;
+  get_server_list) echo 4242 ;;
+esac
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie no one reaps in a container counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("ignore_quit", [False, True])
+def test_daemon_with_a_stand_in_binary(tmp_path, monkeypatch, ignore_quit):
+    exe = tmp_path / "nvidia-cuda-mps-control"
+    exe.write_text(FAKE_CONTROL)
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    if ignore_quit:  # a daemon that does not quit: stop() ends the processes with our pipe folder itself
+        monkeypatch.setenv("IGNORE_QUIT", "1")
+    d = MpsDaemon(stop_timeout_s=1.0)
+    with pytest.raises(RuntimeError, match="inside"):
+        with d:
+            (server,) = mps.mps_processes(d.pipe_dir)
+            assert server in mps.mps_processes(None)
+            assert d.server_list() == "4242"
+            raise RuntimeError("inside")
+    assert mps.mps_processes(d.pipe_dir) == []
+    assert not _alive(server)
+    assert not os.path.exists(d.pipe_dir)

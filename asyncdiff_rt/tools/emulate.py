@@ -91,6 +91,11 @@ def _sync(device: str) -> None:
 def _device_info(rank: int, world: int, spec: dict) -> dict[str, Any]:
     from importlib.metadata import version
 
+    if spec["model"].startswith("tiny:"):
+        from asyncdiff_rt.tiny import KINDS
+
+        if spec["model"].split(":", 1)[1] not in KINDS:
+            raise ValueError(f"--model {spec['model']!r}: tiny kinds are {', '.join(f'tiny:{k}' for k in KINDS)}")
     _check_client(spec)
     name = torch.cuda.get_device_name(0) if spec["device"] == "cuda" else "cpu"
     return {"device": name, "torch": torch.__version__, "diffusers": version("diffusers")}

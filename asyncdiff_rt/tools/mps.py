@@ -33,9 +33,9 @@ def percentage(n: int) -> int:
     return 100 // n
 
 
-def mps_processes(pipe_dir: str) -> list[int]:
-    """Ids of the live processes (readable by us) whose environment names `pipe_dir` as their MPS pipe folder and
-    whose command is an MPS control daemon or server."""
+def mps_processes(pipe_dir: str | None) -> list[int]:
+    """Ids of the live processes (readable by us) whose command is an MPS control daemon or server and whose
+    environment names `pipe_dir` as their MPS pipe folder (`None`: every MPS process, whatever its folder)."""
     needle = f"CUDA_MPS_PIPE_DIRECTORY={pipe_dir}".encode()
     found = []
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
@@ -45,6 +45,9 @@ def mps_processes(pipe_dir: str) -> list[int]:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmd = f.read()
             if b"nvidia-cuda-mps" not in cmd:
+                continue
+            if pipe_dir is None:
+                found.append(int(entry))
                 continue
             with open(f"/proc/{entry}/environ", "rb") as f:
                 env = f.read().split(b"\0")
@@ -67,6 +70,7 @@ class MpsDaemon:
         self.pipe_dir = self.log_dir = ""
         self.running = False
         self._old_handlers: dict[int, Any] = {}
+        self._before: set[int] = set()  # MPS processes that were there before ours (another daemon's)
 
     # ------------------------------------------------------------------------------------------ environment
     def env(self) -> dict[str, str]:
@@ -119,6 +123,7 @@ class MpsDaemon:
         os.makedirs(self.pipe_dir)
         os.makedirs(self.log_dir)
         self._catch_signals()
+        self._before = set(mps_processes(None))
         try:
             res = self._control(None, ("-d",))
             if res.returncode != 0:
@@ -152,7 +157,9 @@ class MpsDaemon:
                 except (OSError, subprocess.SubprocessError):
                     pass
                 deadline = time.monotonic() + self.stop_timeout_s
-                while mps_processes(self.pipe_dir) and time.monotonic() < deadline:
+                while time.monotonic() < deadline and (
+                    mps_processes(self.pipe_dir) or set(mps_processes(None)) - self._before
+                ):  # ours by their environment, or new since we started (a server may not show its environment)
                     time.sleep(0.2)
                 left = mps_processes(self.pipe_dir)
                 for sig in (signal.SIGTERM, signal.SIGKILL):
