@@ -384,3 +384,36 @@ def test_daemon_with_a_stand_in_binary(tmp_path, monkeypatch, ignore_quit):
     assert mps.mps_processes(d.pipe_dir) == []
     assert not _alive(server)
     assert not os.path.exists(d.pipe_dir)
+
+
+def _sleep(rank, world, seconds):
+    import time
+
+    time.sleep(seconds)
+
+
+def test_spawn_terminates_its_workers_on_ctrl_c(monkeypatch):
+    """Ctrl-C (or SIGTERM turned into an exception) while spawn waits: no worker is left (the MPS daemon's quit
+    would wait for its clients)."""
+    import multiprocessing.context as mpc
+
+    from asyncdiff_rt.tools.launch import spawn
+
+    started, real_start, real_join = [], mpc.SpawnProcess.start, mpc.SpawnProcess.join
+    state = {"interrupted": False}
+
+    def start(self):
+        started.append(self)
+        real_start(self)
+
+    def join(self, timeout=None):
+        if not state["interrupted"]:
+            state["interrupted"] = True
+            raise KeyboardInterrupt
+        return real_join(self, timeout)
+
+    monkeypatch.setattr(mpc.SpawnProcess, "start", start)
+    monkeypatch.setattr(mpc.SpawnProcess, "join", join)
+    with pytest.raises(KeyboardInterrupt):
+        spawn(_sleep, 2, 120, timeout_s=200)
+    assert len(started) == 2 and not any(p.is_alive() for p in started)

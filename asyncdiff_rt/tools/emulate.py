@@ -264,7 +264,7 @@ def run_emulation(
         env = daemon.client_env(n) if device == "cuda" else {}
         print(f"emulate {n}: MPS daemon up (pipe {getattr(daemon, 'pipe_dir', '-')}), {pct} % of the SMs per process",
               flush=True)  # fmt: skip
-        info = _spawn(_device_info, 1, {**base, "name": "device"}, env, timeout_s=min(timeout_s, 120))[0]
+        info = _spawn(_device_info, 1, {**base, "name": "device"}, env, timeout_s=min(timeout_s, 60))[0]
         servers = daemon.server_list() if hasattr(daemon, "server_list") else ""
         print(f"emulate {n}: {info['device']}, MPS servers after the first client: {servers or '(none)'}", flush=True)
         os.makedirs(out, exist_ok=True)
