@@ -14,6 +14,11 @@ Variants:
   ours_n1_compile    ... with compile=True
   ours_shm2/ours_shm3  asyncdiff_rt model_n=2/3 as 2/3 processes on ONE GPU over shm (the runtime's overhead:
                      segments share one GPU, so this is not a speed-up)
+
+--emulate N (2, 3 or 4): N smaller GPUs emulated on ONE GPU under CUDA MPS (an MPS daemon of its own, every
+process at 100/N % of the SMs): one, control, segments n=N at W=1 and 3, stride 2, CFG parallel; results in
+<out>/emulated_<model>_<device>.{json,md} (tools/emulate.py, benchmarks/README.md). --model may then also be a
+tiny pipeline (tiny:sd15, ...).
 """
 
 from __future__ import annotations
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="asyncdiff-rt bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, choices=list(ARCHS))
+    p.add_argument("--model", required=True, help=f"{', '.join(ARCHS)}; with --emulate also tiny:<kind>")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument(
         "--nproc",
@@ -319,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         help="several GPUs: measure n2s1..n{N}s1 and n2s2..n{N-1}s2 at warm_up 1, 3, 9 (plus eager and ours_n1)",
     )
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=None, help="timed runs per variant (default 5; --emulate: 3)")
+    p.add_argument("--emulate", type=int, default=None, choices=(2, 3, 4), help="N GPUs emulated on one under MPS")
+    p.add_argument("--emulate_timeout", type=float, default=300.0, help="seconds per emulated variant")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--force", action="store_true", help="measure variants already in the results file again")
     p.add_argument(
@@ -331,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeline_variant", default="ours_shm2", help="a multi-process variant, e.g. ours_n4s1w3")
     p.add_argument("--timeline_steps", type=int, default=12)
     args = p.parse_args(argv)
+    if args.emulate:  # before anything touches CUDA here: every GPU process must be an MPS client
+        return _emulate(p, args)
+    if args.model not in ARCHS:
+        p.error(f"--model {args.model!r}: one of {', '.join(ARCHS)} (tiny pipelines only with --emulate)")
+    args.runs = 5 if args.runs is None else args.runs
     if not torch.cuda.is_available():
         raise SystemExit("bench measures GPU latency: no CUDA device here")
     device = torch.cuda.get_device_name(0)
@@ -401,4 +413,20 @@ def main(argv: list[str] | None = None) -> int:
         f.write(_markdown(data))
     _chart(data, stem + ".png")
     print(_markdown(data))
+    return 0
+
+
+def _emulate(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .archs import ARCHS
+    from .emulate import run_emulation
+    from .mps import MpsError
+
+    # a tiny kind is checked in the first child (importing the tiny pipelines here could start CUDA here)
+    if args.model not in ARCHS and not args.model.startswith("tiny:"):
+        p.error(f"--model {args.model!r}: one of {', '.join(ARCHS)} or tiny:<kind>")
+    try:
+        run_emulation(args.model, args.emulate, args.steps, 3 if args.runs is None else args.runs, args.out,
+                      timeout_s=args.emulate_timeout)  # fmt: skip
+    except MpsError as err:
+        raise SystemExit(f"bench --emulate: {err}") from err
     return 0

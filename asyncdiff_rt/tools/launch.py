@@ -76,11 +76,22 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout_s: float = 300.0, e
             ctx.Process(target=_worker, args=(fn, r, world_size, port, paths[r], dict(env or {}), args), daemon=True)
             for r in range(world_size)
         ]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
+        try:
+            for p in procs:
+                p.start()
+            deadline = time.monotonic() + timeout_s
+            for p in procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+        except BaseException:  # Ctrl-C, a signal turned into an exception: leave no worker running
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                if p.pid is not None:
+                    p.join(5)
+                    if p.is_alive():
+                        p.kill()
+            raise
         late = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
             if p.is_alive():
