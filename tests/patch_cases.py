@@ -106,3 +106,33 @@ def plain(case: dict) -> torch.Tensor:
     torch.set_num_threads(1)
     with torch.no_grad():
         return latents(pipe(**call_kwargs(case)))
+
+
+def graph_path_keys(rank: int, world: int, modes: list[str]) -> list:
+    """The graph path of PatchParallel on the CPU (graphs.py): `Executor.run` runs eagerly here but records its
+    graph keys and argument signatures. Per mode: (eager latents, graph-path latents, keys, signatures)."""
+    torch.set_num_threads(1)
+    from asyncdiff_rt import PatchParallel
+    from asyncdiff_rt.runtime import executor
+
+    seen: list = []
+
+    def run(self, fn, key, args, kwargs, side):
+        seen.append((key, executor.signature_of((args, kwargs))))
+        return fn(*args, **kwargs), side
+
+    executor.Executor.run = run
+    results = []
+    for mode in modes:
+        case = dict(kind="sd15", size=128, sync_mode=mode, steps=4, warm_up=2)
+        outs, seen[:] = [], []
+        for graph_path in (False, True):
+            pipe = pipe_of("sd15")
+            pp = PatchParallel(pipe, warm_up=2, sync_mode=mode, transport="gloo")
+            if graph_path:  # as on CUDA (graphs.py), with the executor above
+                pp.graphs.enabled = pp.graphs.executor.use_graphs = True
+            with torch.no_grad():
+                outs.append(latents(pipe(**call_kwargs(case, rank))))
+            pp.remove()
+        results.append((outs[0], outs[1], [k for k, _ in seen], len({s for _, s in seen})))
+    return results
