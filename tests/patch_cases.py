@@ -4,7 +4,9 @@ agree to ~1e-12, far below what a wrong halo, slot or moment moves.
 
 A case: kind, size (the call's height and width), steps, warm_up, sync_mode, transport, calls (pipeline calls in
 a row), kill_rank (that rank exits at step 2), timeout_s, rank_mode (sync_mode per rank), patches, call (extra
-call kwargs). Every rank returns per case ("ok", [latents per call], bytes per step) or ("error", type, message).
+call kwargs), device ("cuda": float32 without TF32, tests/cuda/test_patch_cuda.py), graphs (PatchParallel's).
+Every rank returns per case ("ok", [latents per call, on the CPU], bytes per step, graphs captured) or ("error",
+type, message).
 """
 
 from __future__ import annotations
@@ -16,16 +18,23 @@ import torch
 DTYPE = torch.float64
 
 
-def pipe_of(kind: str):
+def pipe_of(kind: str, device: str = "cpu"):
     from asyncdiff_rt.tiny import make_pipeline
 
+    if device != "cpu":  # fp32 on a GPU, without TF32 and with fixed cuDNN algorithms
+        from dist_cases import exact_gpu_math
+
+        exact_gpu_math()
+        return make_pipeline(kind, seed=0, device=device)
     return make_pipeline(kind, seed=0, dtype=DTYPE)
 
 
 def call_kwargs(case: dict, rank: int = 0) -> dict:
     from asyncdiff_rt.tiny import call_kwargs as tiny_kwargs
 
-    kwargs = tiny_kwargs(case["kind"], steps=case.get("steps", 4), seed=0, size=case.get("size"))
+    kwargs = tiny_kwargs(
+        case["kind"], steps=case.get("steps", 4), seed=0, size=case.get("size"), device=case.get("device", "cpu")
+    )
     kwargs["output_type"] = "latent"
     kwargs.update(case.get("call", {}))
     if case.get("kill_rank") == rank:
@@ -42,7 +51,7 @@ def call_kwargs(case: dict, rank: int = 0) -> dict:
 def latents(out) -> torch.Tensor:
     from asyncdiff_rt.tiny import output_of
 
-    return output_of(out).detach().clone()
+    return output_of(out).detach().clone().cpu()
 
 
 def run_cases(rank: int, world: int, cases: list[dict]) -> list:
@@ -51,7 +60,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
 
     results = []
     for case in cases:
-        pipe = pipe_of(case["kind"])
+        pipe = pipe_of(case["kind"], case.get("device", "cpu"))
         pp = None
         try:
             mode = case["rank_mode"][rank] if "rank_mode" in case else case.get("sync_mode", "corrected_async_gn")
@@ -64,12 +73,13 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
                 patches=case.get("patches"),
                 debug=case.get("debug", False),
                 cfg_parallel=case.get("cfg", False),
+                graphs=case.get("graphs"),
             )
             outs = []
             for _ in range(case.get("calls", 1)):
                 with torch.no_grad():
                     outs.append(latents(pipe(**call_kwargs(case, rank))))
-            results.append(("ok", outs, pp.bytes_per_step()))
+            results.append(("ok", outs, pp.bytes_per_step(), pp.captures))
         except Exception as err:  # noqa: BLE001 - the test inspects it
             results.append(("error", type(err).__name__, str(err)))
         finally:
@@ -81,7 +91,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
 def simulated(case: dict, patches: int) -> torch.Tensor:
     from asyncdiff_rt import simulate
 
-    pipe = pipe_of(case["kind"])
+    pipe = pipe_of(case["kind"], case.get("device", "cpu"))
     torch.set_num_threads(1)
     with torch.no_grad():
         out = simulate(
@@ -92,7 +102,37 @@ def simulated(case: dict, patches: int) -> torch.Tensor:
 
 
 def plain(case: dict) -> torch.Tensor:
-    pipe = pipe_of(case["kind"])
+    pipe = pipe_of(case["kind"], case.get("device", "cpu"))
     torch.set_num_threads(1)
     with torch.no_grad():
         return latents(pipe(**call_kwargs(case)))
+
+
+def graph_path_keys(rank: int, world: int, modes: list[str]) -> list:
+    """The graph path of PatchParallel on the CPU (graphs.py): `Executor.run` runs eagerly here but records its
+    graph keys and argument signatures. Per mode: (eager latents, graph-path latents, keys, signatures)."""
+    torch.set_num_threads(1)
+    from asyncdiff_rt import PatchParallel
+    from asyncdiff_rt.runtime import executor
+
+    seen: list = []
+
+    def run(self, fn, key, args, kwargs, side):
+        seen.append((key, executor.signature_of((args, kwargs))))
+        return fn(*args, **kwargs), side
+
+    executor.Executor.run = run
+    results = []
+    for mode in modes:
+        case = dict(kind="sd15", size=128, sync_mode=mode, steps=4, warm_up=2)
+        outs, seen[:] = [], []
+        for graph_path in (False, True):
+            pipe = pipe_of("sd15")
+            pp = PatchParallel(pipe, warm_up=2, sync_mode=mode, transport="gloo")
+            if graph_path:  # as on CUDA (graphs.py), with the executor above
+                pp.graphs.enabled = pp.graphs.executor.use_graphs = True
+            with torch.no_grad():
+                outs.append(latents(pipe(**call_kwargs(case, rank))))
+            pp.remove()
+        results.append((outs[0], outs[1], [k for k, _ in seen], len({s for _, s in seen})))
+    return results

@@ -50,6 +50,14 @@ class Transport(ABC):
     def broadcast_object(self, obj: Any, src: int = 0, phase: str | None = None) -> Any:
         return self.all_gather_object(obj, phase)[src]
 
+    def message_counters(self) -> Any:
+        """The host-side message counters a captured op advances without running (shm: the per-channel seqs);
+        with `restore_message_counters` a failed or dropped CUDA-graph capture is undone. None: nothing to undo."""
+        return None
+
+    def restore_message_counters(self, counters: Any) -> None:  # noqa: B027
+        """Set the counters back to what `message_counters` returned (the ops issued since never ran)."""
+
     def synchronize(self) -> None:  # noqa: B027
         """Wait (with the timeout) until everything enqueued so far has completed."""
 

@@ -319,6 +319,16 @@ class ShmTransport(StreamTransport):
         else:
             self._issue("broadcast", step, {}, {src: [tensor]})
 
+    def message_counters(self) -> Any:
+        return {(True, p): link.seq for p, link in self._send.items()} | {
+            (False, p): link.seq for p, link in self._recv.items()
+        }
+
+    def restore_message_counters(self, counters: Any) -> None:
+        # A captured op is not seen by the native channel (no seq check, no event): only these counters moved.
+        for (sending, peer), seq in counters.items():
+            (self._send if sending else self._recv)[peer].seq = seq
+
     def synchronize(self) -> None:
         self._check_watchdog()
         if self._cuda:

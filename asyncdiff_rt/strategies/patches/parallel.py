@@ -3,7 +3,8 @@
 This class only composes: its checks are checks.py's; ranks, transport, agreement and the per-call guards are
 the session's (runtime/session.py); the loop checks are runtime/guards.py's; what each layer computes on this
 rank's rows is layers.py's, and what it exchanges, when, in which buffers, is exchange.py's, following the sync
-mode's table (modes.py). The guidance halves, with cfg_parallel, are strategies/cfg.py's.
+mode's table (modes.py); which steady-state forwards replay from CUDA graphs is graphs.py's (Note [patch
+graphs]). The guidance halves, with cfg_parallel, are strategies/cfg.py's.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ...runtime.timeline import Timeline
 from ..cfg import CfgSplit
 from .checks import check_denoiser, check_rows, row_factor, self_attentions
 from .exchange import REGIONS, PatchExchange
+from .graphs import PatchGraphs, tensor_timestep
 from .layers import conv_in_forward, group_norm_forward, halo_conv_forward, self_attention_forward
 from .modes import SYNC_MODES, StepPolicy
 
@@ -57,7 +59,9 @@ class PatchParallel:
         cfg_parallel: split the guidance batch over two halves of the ranks (world = 2P).
         transport: "auto", "gloo", "shm" or "nccl"; group: a torch.distributed sub-group to run in.
         timeout_s: every wait on a peer raises TransportError after this many seconds.
-        graphs, compile: CUDA graphs / torch.compile (not yet: steps run eagerly; compile=True is refused).
+        graphs: replay the steady-state forwards (k >= warm_up) from CUDA graphs (None: on CUDA; False: eager;
+            a failed capture is logged and runs eagerly; graphs.py, Note [patch graphs]). `captures` counts them.
+        compile: torch.compile (not yet: compile=True is refused).
         debug: check after each step that the latents agree on every rank (also ASYNCDIFF_RT_DEBUG=1).
         patches: if given, the number of patches the world must have (a check, not a choice).
     """
@@ -71,7 +75,7 @@ class PatchParallel:
         transport: str = "auto",
         group: Any = None,
         timeout_s: float = 60.0,
-        graphs: bool | None = True,
+        graphs: bool | None = None,
         compile: bool = False,
         debug: bool | None = False,
         *,
@@ -105,8 +109,7 @@ class PatchParallel:
         self.factor = row_factor(self.denoiser)
         self.warm_up, self.sync_mode, self.timeout_s = warm_up, sync_mode, timeout_s
         self.debug = bool(int(os.environ.get("ASYNCDIFF_RT_DEBUG", "0"))) if debug is None else bool(debug)
-        if graphs and self.device.type == "cuda":
-            log.info("asyncdiff_rt: PatchParallel runs its steps eagerly (CUDA graphs not captured yet)")
+        use_graphs = (self.device.type == "cuda" if graphs is None else bool(graphs)) and self.device.type == "cuda"
 
         # ---- ranks: the world is the patches (x2 with cfg_parallel); every rank agrees on the configuration
         world = _world_size(group)
@@ -125,6 +128,7 @@ class PatchParallel:
                     "config": config,
                     "denoiser": type(self.denoiser).__name__,
                     "version": __version__,
+                    "graphs": use_graphs,  # graphs with exchanges inside agree on their capture (graphs.py)
                 }
             )
         except (ConfigError, DenoiserError):
@@ -141,6 +145,7 @@ class PatchParallel:
         # ---- per-rank state; hooks last: nothing is installed if anything above raised
         self.timeline = Timeline(self.device)
         self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device)
+        self.graphs = PatchGraphs(self.device, graphs, self.transport)
         self._signature: Any = None
         self._out_bytes = 0
         self._call_steps: Any = None
@@ -172,6 +177,11 @@ class PatchParallel:
                 continue
             self._overrides.install(module, make)
         self._overrides.install(self.denoiser, self._denoiser_forward)
+
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far (0 on the eager path)."""
+        return self.graphs.captures
 
     @property
     def exchange_proxy(self) -> _CurrentExchange:
@@ -254,6 +264,7 @@ class PatchParallel:
         signature = _shapes_of(bound.arguments)
         if signature != self._signature:  # new shapes: register the exchange points again at step 0
             self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device)
+            self.graphs.clear()  # their static slots were the old exchange's
             self._signature = signature
 
     def _denoiser_forward(self, original: Any):
@@ -271,17 +282,39 @@ class PatchParallel:
             self.guard.check_step(k, full, sample)
             ex = self.exchange
             ex.begin_step(StepPolicy(self.sync_mode, self._call_warm_up, k))
+            replay = self.graphs.enabled and k >= self._call_warm_up
             with self.timeline.span("warm-up" if ex.policy.exact else "compute", k):
-                out = original(*args, **kwargs)
+                out = self._replayed(original, k, args, kwargs) if replay else original(*args, **kwargs)
             with self.timeline.span("exchange", k, "comm"):
                 ex.end_step()  # the packed exchange of this step's values, for step k+1
             with self.timeline.span("ε", k, "comm"):
                 own = first_tensor(out)
                 self._out_bytes = own.numel() * own.element_size()
-                out = replace_first_tensor(out, ex.gather_rows(own))
+                rows = ex.gather_rows(own)
+                if replay and rows is own:  # one patch: the graph's static output; the pipeline keeps ε
+                    rows = own.clone()
+                out = replace_first_tensor(out, rows)
             return self.cfg.join(out, k) if self.cfg is not None else out
 
         return forward
+
+    def _replayed(self, original: Any, k: int, args: tuple, kwargs: dict) -> Any:
+        """A steady-state forward through the graphs (graphs.py, Note [patch graphs]): keyed by the slots it
+        writes and reads, never by the step; a Python-number timestep goes in as a tensor."""
+        ex, policy = self.exchange, self.exchange.policy
+        comm_inside = self.world_size > 1 and (policy.halo_source == "fresh" or policy.norm_rule == "exact")
+        write = k % 2 if policy.writes_own or comm_inside else None
+        key = ("patch", policy.sync_mode, write, ex.read_slot)
+        bound = self._timestep_arg.bind(args, kwargs)
+        t = bound.arguments["timestep"]
+        if not isinstance(t, torch.Tensor):
+            args, kwargs = TimestepArg.substitute(bound, tensor_timestep(t, self.device))
+
+        def fn(*a: Any, **kw: Any) -> Any:
+            ex.begin_step(policy)  # the exchange points count from 0 in every run (warm-up runs of a capture)
+            return original(*a, **kw)
+
+        return self.graphs.run(fn, key, args, kwargs, comm_inside)
 
 
 class _CurrentExchange:

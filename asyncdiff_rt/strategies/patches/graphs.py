@@ -1,0 +1,125 @@
+"""CUDA-graph replay of PatchParallel's steady-state forwards (DESIGN §10, §12), eager wherever capture fails.
+
+Note [patch graphs]
+    Warm-up steps (k < W) run eagerly: they register the exchange points (step 0), exchange at every point,
+    blocking, and are few. A steady-state forward (k >= W) is captured once per *slot key* and call signature and
+    replayed after: the key is (the slot it writes, the slot it reads), `((k % 2), (k - 1) % 2)` for the stale
+    modes — two graphs, one per step parity — one graph for `no_sync` (writes nothing, always reads step W-1's
+    slot) and `naive` (exchanges nothing). Per-parity graphs rather than fixed read/write pointers: the slots
+    are already static double buffers (exchange.py, Note [slots]) whose addresses the layers bake into the
+    graph, so swapping pointers would mean copying a slot per step or indirecting every layer; two graphs of
+    one pool cost only their kernel-parameter memory. The step index never reaches the graph: the key carries
+    its parity, the timestep and every other tensor argument go through the executor's static inputs
+    (runtime/executor.py), and a Python-number timestep is turned into the tensor the UNet would make of it, so
+    that it does not become part of the signature (one graph per step) or a baked constant.
+
+    What the captured forward does: each layer writes its fresh values into the static write slot
+    (`PatchExchange.share`) and reads the other patches' stale ones from the read slot. What runs right after
+    the replay, eagerly but only enqueued (no host synchronisation): the packed exchange of the write slot and
+    the gather of the output rows into the static gather buffers. On shm and nccl both go on the transport's
+    communication streams, which wait for the caller's current stream (so for the replay) and which the
+    current stream waits for again (so the next step's replay reads the received slot; Note [stream ordering]
+    in csrc/streams.h). Keeping them out of the graph keeps every step's communication under the transport's
+    throttle and watchdog (captured ops are invisible to both) and keeps a capture failure local to one rank:
+    eager and replayed steps issue the same messages, so a rank that falls back needs no agreement.
+
+    `sync_gn` and `full_sync` exchange fresh values inside the forward. On shm and nccl on CUDA those ops are
+    capturable, so their steady forwards are captured too ("inline" graphs), with the transport's ops inside and
+    without eager warm-up runs (which would send real messages; the warm-up steps ran the same layers). A
+    replayed shm op reuses the slot parity of its capture, so every rank must capture the same forwards at the
+    same step or none: after each inline capture the ranks agree (a host all-gather, once per graph); if any
+    failed, every rank drops its graph, rolls its transport's message counters back over the captured ops that
+    never ran, and runs those forwards eagerly from then on. On other transports they stay eager.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ...runtime.executor import CapturedCall, Executor, signature_of
+
+__all__ = ["PatchGraphs", "tensor_timestep"]
+
+log = logging.getLogger("asyncdiff_rt")
+
+CAPTURABLE_TRANSPORTS = ("shm", "nccl")  # stream-ordered ops that may be captured into a CUDA graph
+
+
+def tensor_timestep(t: Any, device: torch.device) -> Any:
+    """A Python-number timestep as the 0-d tensor diffusers' UNet makes of it (float64 / int64 on the sample's
+    device), so that it reaches the graph as a static input; tensors pass unchanged."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        return t
+    return torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64, device=device)
+
+
+class PatchGraphs:
+    """The graphs of one PatchParallel rank (Note [patch graphs]); `enabled` False: every forward eager."""
+
+    def __init__(self, device: torch.device, graphs: bool | None, transport: Any):
+        wanted = device.type == "cuda" if graphs is None else bool(graphs)
+        if wanted and device.type != "cuda":
+            log.info("asyncdiff_rt: PatchParallel(graphs=True) on %s: CUDA graphs need a CUDA device, eager", device)
+        self.enabled = wanted and device.type == "cuda"
+        self.transport = transport
+        self.executor = Executor(device, self.enabled, compile=False)
+        self.inline = self.enabled and getattr(transport, "name", "") in CAPTURABLE_TRANSPORTS
+        self._inline_graphs: dict[Any, CapturedCall] = {}
+
+    @property
+    def captures(self) -> int:
+        """Graphs captured so far (both kinds; dropped ones included)."""
+        return self.executor.captures + len(self._inline_graphs)
+
+    def clear(self) -> None:
+        """A new call signature (new exchange buffers): drop every graph."""
+        self.executor.clear()
+        self._inline_graphs.clear()
+
+    def run(self, fn: Callable, key: Any, args: tuple, kwargs: dict, comm_inside: bool) -> Any:
+        """`fn(*args, **kwargs)`, replayed from the graph of `key` and the arguments' signature where possible.
+        `comm_inside`: the forward issues transport ops (fresh exchanges) while it runs."""
+        if not comm_inside:
+            if not self.executor.use_graphs:
+                return fn(*args, **kwargs)
+            return self.executor.run(fn, key, args, kwargs, {})[0]
+        if not (self.inline and self.executor.use_graphs):
+            return fn(*args, **kwargs)
+        full_key = (key, signature_of((args, kwargs)))
+        graph = self._inline_graphs.get(full_key)
+        if graph is None:
+            graph = self._capture_inline(fn, args, kwargs)
+            if graph is None:
+                return fn(*args, **kwargs)
+            self._inline_graphs[full_key] = graph
+        return graph(args, kwargs)
+
+    def _capture_inline(self, fn: Callable, args: tuple, kwargs: dict) -> CapturedCall | None:
+        """Capture a forward with the transport's ops inside, on every rank or none (Note [patch graphs])."""
+        counters = self.transport.message_counters()
+        graph, reason = None, ""
+        try:
+            if self.executor._pool is None:
+                self.executor._pool = torch.cuda.graph_pool_handle()
+            graph = CapturedCall(fn, args, kwargs, warmup=0, pool=self.executor._pool)
+        except Exception as err:  # noqa: BLE001 - eager is always correct
+            reason = f"{type(err).__name__}: {err}"
+        everyone = self.transport.all_gather_object(reason, phase="CUDA graph capture agreement")
+        failed = [(rank, why) for rank, why in enumerate(everyone) if why]
+        if not failed:
+            return graph
+        # none of the captured ops ran: this rank's messages continue from where they were before the capture
+        self.transport.restore_message_counters(counters)
+        self.inline = False
+        rank, why = failed[0]
+        log.warning(
+            "asyncdiff_rt: PatchParallel: CUDA graph capture of a forward with exchanges inside failed on rank %d "
+            "(%s): every rank runs those forwards eagerly",
+            rank,
+            why,
+        )
+        return None
