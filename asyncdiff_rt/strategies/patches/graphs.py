@@ -57,13 +57,25 @@ def tensor_timestep(t: Any, device: torch.device) -> Any:
     return torch.tensor(t, dtype=torch.float64 if isinstance(t, float) else torch.int64, device=device)
 
 
+# Sync modes whose graphs matched eager and the simulator on an H200 (tests/cuda/test_patch_cuda.py, 2026-12-01).
+# corrected_async_gn (graphs differed from eager) and sync_gn (capture with the shm ops inside failed with
+# "invalid argument") did not: they run eagerly until that is found and fixed; naive and separate_gn are not run.
+GRAPH_VERIFIED_MODES = frozenset({"stale_gn", "no_sync", "full_sync"})
+
+
 class PatchGraphs:
     """The graphs of one PatchParallel rank (Note [patch graphs]); `enabled` False: every forward eager."""
 
-    def __init__(self, device: torch.device, graphs: bool | None, transport: Any):
+    def __init__(self, device: torch.device, graphs: bool | None, transport: Any, sync_mode: str = "stale_gn"):
         wanted = device.type == "cuda" if graphs is None else bool(graphs)
         if wanted and device.type != "cuda":
             log.info("asyncdiff_rt: PatchParallel(graphs=True) on %s: CUDA graphs need a CUDA device, eager", device)
+        if wanted and device.type == "cuda" and sync_mode not in GRAPH_VERIFIED_MODES:
+            log.warning(
+                "asyncdiff_rt: PatchParallel(sync_mode=%r) runs eagerly: its CUDA graphs are not verified yet "
+                "(verified: %s)", sync_mode, ", ".join(sorted(GRAPH_VERIFIED_MODES)),
+            )  # fmt: skip
+            wanted = False
         self.enabled = wanted and device.type == "cuda"
         self.transport = transport
         self.executor = Executor(device, self.enabled, compile=False)

@@ -35,7 +35,7 @@ from ...runtime.timeline import Timeline
 from ..cfg import CfgSplit
 from .checks import check_denoiser, check_rows, row_factor, self_attentions
 from .exchange import REGIONS, PatchExchange
-from .graphs import PatchGraphs, tensor_timestep
+from .graphs import GRAPH_VERIFIED_MODES, PatchGraphs, tensor_timestep
 from .layers import conv_in_forward, group_norm_forward, halo_conv_forward, self_attention_forward
 from .modes import SYNC_MODES, StepPolicy
 
@@ -110,6 +110,7 @@ class PatchParallel:
         self.warm_up, self.sync_mode, self.timeout_s = warm_up, sync_mode, timeout_s
         self.debug = bool(int(os.environ.get("ASYNCDIFF_RT_DEBUG", "0"))) if debug is None else bool(debug)
         use_graphs = (self.device.type == "cuda" if graphs is None else bool(graphs)) and self.device.type == "cuda"
+        use_graphs = use_graphs and sync_mode in GRAPH_VERIFIED_MODES
 
         # ---- ranks: the world is the patches (x2 with cfg_parallel); every rank agrees on the configuration
         world = _world_size(group)
@@ -145,7 +146,7 @@ class PatchParallel:
         # ---- per-rank state; hooks last: nothing is installed if anything above raised
         self.timeline = Timeline(self.device)
         self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device)
-        self.graphs = PatchGraphs(self.device, graphs, self.transport)
+        self.graphs = PatchGraphs(self.device, graphs, self.transport, sync_mode)
         self._signature: Any = None
         self._out_bytes = 0
         self._call_steps: Any = None
