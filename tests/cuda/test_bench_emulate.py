@@ -1,4 +1,5 @@
-"""`asyncdiff-rt bench --emulate 2` on one GPU with a tiny pipeline and 2 steps: the MPS daemon of its own starts,
+"""`asyncdiff-rt bench --emulate 2` on one GPU with a tiny pipeline and 5 steps (so W=3 leaves asynchronous
+steps to break down): the MPS daemon of its own starts,
 every variant runs as MPS clients, the result files hold the expected keys, and no MPS process with our pipe folder
 is left afterwards. Needs `nvidia-cuda-mps-control` on the PATH and asyncdiff_rt._C built with CUDA
 (scripts/device_build.sh). Runs the bench in a fresh interpreter: the pytest process itself may hold a CUDA context.
@@ -45,7 +46,7 @@ def test_bench_emulate_2_tiny(tmp_path):
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for var in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "asyncdiff_rt", "bench", "--model", "tiny:sd15", "--emulate", "2", "--steps", "2",
+    cmd = [sys.executable, "-m", "asyncdiff_rt", "bench", "--model", "tiny:sd15", "--emulate", "2", "--steps", "5",
            "--runs", "1", "--out", str(tmp_path), "--emulate_timeout", "180"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=540)
     print(proc.stdout[-6000:])
@@ -60,7 +61,7 @@ def test_bench_emulate_2_tiny(tmp_path):
     meta, entry = data["meta"], data["emulations"]["2"]
     assert {"model", "device", "torch", "diffusers", "transport"} <= set(meta) and meta["model"] == "tiny:sd15"
     assert files[0] == f"emulated_tiny_sd15_{meta['device'].replace(' ', '_')}.json"
-    assert entry["n"] == 2 and entry["percent"] == 50 and entry["steps"] == 2 and entry["runs"] == 1
+    assert entry["n"] == 2 and entry["percent"] == 50 and entry["steps"] == 5 and entry["runs"] == 1
     print("MPS servers after the first client:", entry["mps_server_list"])
     names = [v["name"] for v in variants_for(2)]
     assert list(entry["variants"]) == names
