@@ -259,3 +259,27 @@ def test_load_pipeline_for_planning(tmp_path):
     pipe = load_pipeline_for_planning(str(tmp_path), dtype="float32", device="cpu")
     assert pipe.vae_scale_factor == 8
     assert set(candidate_blocks(pipe.unet)) == set(candidate_blocks(unet))
+
+
+def test_plan_reports_weights_per_segment_and_balances_memory_on_request():
+    """FLUX's double-stream blocks hold ~2.4x a single block's weights: balance="memory" evens the weights per
+    rank out (at some cost in time balance); every plan reports each segment's weights exactly."""
+    from asyncdiff_rt import plan_for
+    from asyncdiff_rt.compiler.plan_table import format_plan_table
+    from asyncdiff_rt.compiler.planning import block_weight_bytes
+    from asyncdiff_rt.tiny import make_pipeline
+
+    pipe = make_pipeline("flux")
+    den = pipe.transformer
+    by_time = plan_for(pipe, 2, cost="flops", max_sequence_length=32)
+    by_memory = plan_for(pipe, 2, cost="flops", balance="memory", max_sequence_length=32)
+    weights = block_weight_bytes(den, by_time.blocks)
+    for plan in (by_time, by_memory):
+        assert [s.weight_bytes for s in plan.segments] == [sum(weights[b] for b in s.blocks) for s in plan.segments]
+        assert all(s.cost_ms is not None and s.cost_ms > 0 for s in plan.segments)  # compute, also when by memory
+    heaviest = max(s.weight_bytes for s in by_memory.segments)
+    assert heaviest <= max(s.weight_bytes for s in by_time.segments)
+    assert heaviest <= 0.5 * sum(weights.values()) + max(weights.values())  # as even as whole blocks allow
+    assert by_memory.meta["balance"] == "memory" and "weights" in format_plan_table(by_memory)
+    with pytest.raises(ValueError, match="balance must be one of time, memory"):
+        plan_for(pipe, 2, cost="flops", balance="speed", max_sequence_length=32)

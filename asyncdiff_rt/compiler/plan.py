@@ -26,6 +26,7 @@ class Segment:
     cost_ms: float | None = None  # measured compute of the owned blocks, if known
     bytes_in: int | None = None  # bytes this segment receives from other segments per step
     bytes_out: int | None = None  # bytes it sends to other segments per step
+    weight_bytes: int | None = None  # parameters and buffers of its blocks (what its rank keeps of them)
 
 
 @dataclass

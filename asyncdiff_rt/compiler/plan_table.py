@@ -37,11 +37,11 @@ def _runs(blocks: list[str], order: list[str] | None) -> str:
 
 
 def format_plan_table(plan: Plan) -> str:
-    """Segment, #blocks, first..last block, ms, share %, bytes in, bytes out; then split quality sum/max."""
+    """Segment, #blocks, first..last block, ms, share %, bytes in, bytes out, weights; then split quality."""
     order = plan.meta.get("order")
     costs = [s.cost_ms for s in plan.segments]
     total = sum(c for c in costs if c is not None) or None
-    rows = [("segment", "#blocks", "blocks (first .. last)", "ms", "share %", "bytes in", "bytes out")]
+    rows = [("segment", "#blocks", "blocks (first .. last)", "ms", "share %", "bytes in", "bytes out", "weights")]
     for i, s in enumerate(plan.segments):
         share = f"{100 * s.cost_ms / total:.1f}" if total and s.cost_ms is not None else "-"
         rows.append(
@@ -53,10 +53,11 @@ def format_plan_table(plan: Plan) -> str:
                 share,
                 _fmt_bytes(s.bytes_in),
                 _fmt_bytes(s.bytes_out),
+                _fmt_bytes(s.weight_bytes),
             )
         )
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    right = {1, 3, 4, 5, 6}
+    right = {1, 3, 4, 5, 6, 7}
     lines = []
     for k, r in enumerate(rows):
         cells = [r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]) for c in range(len(r))]
@@ -71,7 +72,7 @@ def format_plan_table(plan: Plan) -> str:
             desc.append(f"{m['height']}x{m['width']}")
         if m.get("batch"):
             desc.append(f"batch {m['batch']}")
-        for k in ("dtype", "device", "granularity", "cost_model"):
+        for k in ("dtype", "device", "granularity", "cost_model", "balance"):
             if m.get(k):
                 desc.append(str(m[k]))
         desc = [d for d in desc if d]

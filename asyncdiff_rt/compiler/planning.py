@@ -26,7 +26,27 @@ from .partition import partition
 from .plan import Plan
 from .trace import Trace, meta_twin, trace_denoiser
 
-__all__ = ["COST_MODELS", "plan_for", "plan_for_denoiser", "resolve_cost_model", "trace_for_plan"]
+__all__ = [
+    "BALANCES",
+    "COST_MODELS",
+    "block_weight_bytes",
+    "plan_for",
+    "plan_for_denoiser",
+    "resolve_cost_model",
+    "trace_for_plan",
+]
+
+BALANCES = ("time", "memory")
+
+
+def block_weight_bytes(denoiser: nn.Module, blocks: list[str]) -> dict[str, int]:
+    """Bytes of parameters and buffers each block holds (what a rank keeps of it with dropped weights)."""
+    modules = dict(denoiser.named_modules())
+    return {
+        b: sum(t.numel() * t.element_size() for t in list(modules[b].parameters()) + list(modules[b].buffers()))
+        for b in blocks
+    }
+
 
 COST_MODELS = ("auto", "measured", "flops")
 
@@ -92,10 +112,16 @@ def plan_for_denoiser(
     trace_on: str = "meta",
     costs: dict[str, float] | None = None,
     cost: str = "measured",
+    balance: str = "time",
     **denoiser_call_overrides: Any,
 ) -> Plan:
     """``plan_for`` on a bare denoiser. ``args``/``kwargs`` give its call directly (else built from its config at
-    height x width); ``costs`` skips the cost model (block -> ms); ``cost`` is the cost model (module docstring)."""
+    height x width); ``costs`` skips the cost model (block -> ms); ``cost`` is the cost model (module docstring).
+    ``balance``: "time" (default: the slowest segment as fast as possible) or "memory" (the segment holding the
+    most weights as light as possible, e.g. FLUX, whose double-stream blocks hold 2.4x a single one's weights);
+    each segment's weights are in the plan either way (``Segment.weight_bytes``)."""
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
     param = next(denoiser.parameters(), None)
     dtype = dtype or (param.dtype if param is not None else torch.float32)
     device = (
@@ -156,9 +182,12 @@ def plan_for_denoiser(
         meta["not_called"] = never  # listed candidates this call never runs: left replicated (never used)
     if trace.warnings:
         meta["trace_warnings"] = trace.warnings
+    weights = block_weight_bytes(denoiser, order)
+    if balance == "memory":  # the same DP on weights: each block's cost is its bytes (in GB, for readable meta)
+        meta["balance"] = "memory"
     plan = partition(
         order,
-        costs,
+        {b: weights[b] / 1e9 for b in order} if balance == "memory" else costs,
         trace,
         model_n,
         bandwidth_Bps=bandwidth_Bps,
@@ -166,6 +195,10 @@ def plan_for_denoiser(
         meta=meta,
         slack=slack,
     )
+    for seg in plan.segments:
+        seg.weight_bytes = sum(weights[b] for b in seg.blocks)
+        if balance == "memory":  # the partition balanced bytes; the segment's cost is still its compute
+            seg.cost_ms = float(sum(costs[b] for b in seg.blocks))
     return plan
 
 

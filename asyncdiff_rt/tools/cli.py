@@ -142,6 +142,12 @@ def _run(argv: list[str]) -> int:
         "CPU), flops (count FLOPs on the meta device: seconds, no memory), auto (measured on CUDA, else flops)",
     )
     p.add_argument("--repeats", type=int, default=None, help="timings per block (measured): 20 on CUDA, 3 on a CPU")
+    p.add_argument(
+        "--balance",
+        default="time",
+        choices=("time", "memory"),
+        help="what the partition evens out: time (the slowest segment) or memory (the heaviest segment's weights)",
+    )
     p.add_argument("--save", default=None, help="write the plan as JSON (reusable with plan=)")
     p.set_defaults(func=_plan)
 

@@ -52,7 +52,9 @@ def make_plan(args: argparse.Namespace):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
     cost = resolve_cost_model(args.cost, device)
-    common = dict(height=args.height, width=args.width, granularity=args.granularity)
+    common = dict(
+        height=args.height, width=args.width, granularity=args.granularity, balance=getattr(args, "balance", "time")
+    )
     if cost == "flops":
         _say(
             f"cost model flops: {args.model} built on the meta device (no weights, no memory), FLOPs per block "
