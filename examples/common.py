@@ -19,7 +19,6 @@ this one process (on a GPU: one device; on the CPU: the quickest way to try a sc
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 
 from asyncdiff_rt.tools.generate import (
     DEFAULT_PROMPT,
+    call_params,
     from_pretrained_kwargs,
     pick_device,
     pick_dtype,
@@ -127,7 +127,7 @@ def _load(spec: dict, args: argparse.Namespace, device: torch.device, dtype: tor
 
 
 def _call_kwargs(spec: dict, pipe: Any, args: argparse.Namespace, device: torch.device, inputs) -> dict[str, Any]:
-    params = _call_params(pipe)
+    params = call_params(pipe)
     if args.model is None:  # the tiny model's own inputs: prompt, sizes, images made in code
         from asyncdiff_rt.tiny import call_kwargs
 
@@ -155,14 +155,6 @@ def _call_kwargs(spec: dict, pipe: Any, args: argparse.Namespace, device: torch.
         output_type="pil",
     )
     return kwargs
-
-
-def _call_params(pipe: Any) -> dict[str, inspect.Parameter]:
-    """The pipeline class's own __call__ parameters (AsyncDiff wraps the call in a subclass of the class)."""
-    for cls in type(pipe).__mro__:
-        if not getattr(cls, "_asyncdiff_rt_hooked", False) and "__call__" in vars(cls):
-            return dict(inspect.signature(cls.__call__).parameters)
-    return dict(inspect.signature(type(pipe).__call__).parameters)
 
 
 def _rank_main(rank: int, world: int, spec: dict, inputs, components) -> None:

@@ -99,3 +99,15 @@ def test_denoiser_called_out_of_timestep_order_is_refused():
     with pytest.raises(asyncdiff_rt.DenoiserError, match=r"step 2: the denoiser got timestep 7 but .*τ\[2\] is 8"):
         pipe()
     ad.remove()
+
+
+def test_model_n_that_disagrees_with_the_plan_is_refused():
+    """An explicit model_n other than the plan's segment count is refused, naming both (it used to be replaced)."""
+    pipe = make_pipeline("sdxl")
+    three = [PLAN[0][:2], PLAN[0][2:], PLAN[1]]
+    with pytest.raises(ConfigError, match="model_n=2 but the plan has 3 segments"):
+        AsyncDiff(pipe, model_n=2, plan=three, transport="local")
+    assert "forward" not in pipe.unet.__dict__
+    ad = AsyncDiff(pipe, plan=three, transport="local")  # left out, the plan decides
+    assert ad.model_n == 3
+    ad.remove()

@@ -158,7 +158,7 @@ def save_output(out: Any, path: str, fps: int = 8) -> list[str]:
 # ---- the command ----------------------------------------------------------------------------------------------
 
 
-def _call_params(pipe: Any) -> dict[str, inspect.Parameter]:
+def call_params(pipe: Any) -> dict[str, inspect.Parameter]:
     """The pipeline class's own __call__ parameters (AsyncDiff wraps the call in a subclass of the class)."""
     for cls in type(pipe).__mro__:
         if not getattr(cls, "_asyncdiff_rt_hooked", False) and "__call__" in vars(cls):
@@ -167,7 +167,7 @@ def _call_params(pipe: Any) -> dict[str, inspect.Parameter]:
 
 
 def _call_kwargs(pipe: Any, opts: dict, device: torch.device) -> dict[str, Any]:
-    params = _call_params(pipe)
+    params = call_params(pipe)
     needs = [n for n in _INPUTS if n in params]
     if needs:
         raise SystemExit(
