@@ -120,6 +120,8 @@ class Session:
             return
         import torch.distributed as dist
 
+        if dist.get_backend(group) == "nccl" and self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # NCCL's object gather stages through the current device
         everyone: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(everyone, config, group=group)
         for key in config:
