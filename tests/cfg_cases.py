@@ -8,45 +8,8 @@ Every rank returns per case ("ok", [latents per call]) or ("error", type name, m
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-DTYPE = torch.float64
-
-
-def pipe_of(kind: str, device: str = "cpu"):
-    from asyncdiff_rt.tiny import make_pipeline
-
-    if device != "cpu":  # fp32 on a GPU, without TF32: the halves then round apart at ~1e-6
-        from dist_cases import exact_gpu_math
-
-        exact_gpu_math()
-        return make_pipeline(kind, seed=0, device=device)
-    return make_pipeline(kind, seed=0, dtype=DTYPE)
-
-
-def call_kwargs(case: dict, rank: int = 0) -> dict:
-    from asyncdiff_rt.tiny import call_kwargs as tiny_kwargs
-
-    kwargs = tiny_kwargs(case["kind"], steps=case.get("steps", 4), seed=0, device=case.get("device", "cpu"))
-    kwargs["output_type"] = "latent"
-    kwargs.update(case.get("call", {}))
-    if case.get("kill_rank") == rank:
-
-        def die(pipe, i, t, callback_kwargs):
-            if i == 2:
-                os._exit(3)  # a partner dying mid-run, without a word
-            return callback_kwargs
-
-        kwargs["callback_on_step_end"] = die
-    return kwargs
-
-
-def latents(out) -> torch.Tensor:
-    from asyncdiff_rt.tiny import output_of
-
-    return output_of(out).detach().clone().cpu()
+from spawn_cases import DTYPE, call_kwargs, latents, pipe_of  # noqa: F401 - the workers' shared part
 
 
 def run_cases(rank: int, world: int, cases: list[dict]) -> list:

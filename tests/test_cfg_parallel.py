@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 from cfg_cases import halves_reference, plain, run_cases, simulated
+from spawn_cases import WorldResults, ok
 
 from asyncdiff_rt.tools.launch import WorkerError, spawn
 
@@ -40,21 +41,7 @@ CASES_4 = {
     "sdxl_cfg2_n2": dict(kind="sdxl", model_n=2, plan=SDXL_N2, steps=5),
 }
 
-_RESULTS: dict = {}
-
-
-def results(world: int, cases: dict) -> dict:
-    if world not in _RESULTS:
-        names = list(cases)
-        per_rank = spawn(run_cases, world, [cases[n] for n in names], timeout_s=900)
-        _RESULTS[world] = {n: [r[i] for r in per_rank] for i, n in enumerate(names)}
-    return _RESULTS[world]
-
-
-def ok(per_rank):
-    for rank, got in enumerate(per_rank):
-        assert got[0] == "ok", f"rank {rank}: {got}"
-    return [got[1] for got in per_rank]
+results = WorldResults(run_cases)  # every case of a world size in one spawn
 
 
 @pytest.mark.parametrize("kind", KINDS)

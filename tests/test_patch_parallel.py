@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from patch_cases import pipe_of, plain, run_cases, simulated
+from spawn_cases import WorldResults, ok
 
 from asyncdiff_rt import ConfigError, PatchParallel
 from asyncdiff_rt.strategies.patches import SYNC_MODES
@@ -42,8 +43,6 @@ CASES_3 = {
 
 CASES_4 = {"sd15_cfg": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=1, cfg=True)}
 
-_RESULTS: dict = {}
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -53,18 +52,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def results(world: int, cases: dict) -> dict:
-    if world not in _RESULTS:
-        names = list(cases)
-        per_rank = spawn(run_cases, world, [cases[n] for n in names], timeout_s=900)
-        _RESULTS[world] = {n: [r[i] for r in per_rank] for i, n in enumerate(names)}
-    return _RESULTS[world]
-
-
-def ok(per_rank):
-    for rank, got in enumerate(per_rank):
-        assert got[0] == "ok", f"rank {rank}: {got}"
-    return [got[1] for got in per_rank]
+results = WorldResults(run_cases)  # every case of a world size in one spawn
 
 
 def refused(per_rank, *needles):
