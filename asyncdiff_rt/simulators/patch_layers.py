@@ -166,8 +166,9 @@ def group_norm_forward(
         mean = sum(v[0] for v in values) / ex.patches
         sq = sum(v[1] for v in values) / ex.patches
     else:
-        if rule == "corrected":  # last step's image moments, moved by how much our own patch moved
-            base = [sum(v[i] for v in values) / ex.patches + own[i] - values[p][i] for i in (0, 1)]
+        if rule == "corrected":  # last step's image moments, moved by how much our own patch moved (the move
+            # first: it is small, and summed last it keeps its digits in float32)
+            base = [sum(v[i] for v in values) / ex.patches + (own[i] - values[p][i]) for i in (0, 1)]
         else:  # stale: own fresh, others of step k-1
             base = [(own[i] + sum(v[i] for q, v in enumerate(values) if q != p)) / ex.patches for i in (0, 1)]
         mean, sq = base

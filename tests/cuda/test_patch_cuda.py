@@ -56,8 +56,7 @@ def check(kind: str, mode: str, modes: tuple, graphs_expected: int | None) -> No
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", list(SIZES))
 def test_patch_graphs_equal_eager_and_the_simulator(kind, mode):
-    # corrected_async_gn's graphs differed from eager on the H200 (2026-12-01): it runs eagerly (0 graphs) until fixed
-    check(kind, mode, MODES, 0 if mode == "corrected_async_gn" else 1 if mode == "no_sync" else 2)
+    check(kind, mode, MODES, 1 if mode == "no_sync" else 2)
 
 
 @pytest.mark.parametrize("mode", INLINE)
