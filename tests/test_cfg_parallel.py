@@ -28,12 +28,17 @@ SDXL_N2 = [
 KINDS = ["sd15", "sd21", "sdxl", "sd3", "sd35_medium", "sdxl_inpaint", "sd_upscale", "sdxl_controlnet", "svd",
          "animatediff"]  # fmt: skip
 
+TRUE_CFG = {"negative_prompt": "blurry", "true_cfg_scale": 4.0}  # FLUX: two transformer calls per step
+
 CASES_2 = {
     **{f"{k}_cfg2": dict(kind=k) for k in KINDS},
     "sd15_cfg2_two_calls": dict(kind="sd15", calls=2),
     "sd15_cfg2_shm": dict(kind="sd15", transport="shm"),
     "sdxl_cfg2_local_n2": dict(kind="sdxl", model_n=2, plan=SDXL_N2, transport="local", steps=5),
     "sdxl_cfg2_local_n2_stride2": dict(kind="sdxl", model_n=2, plan=SDXL_N2, stride=2, transport="local", steps=6),
+    "flux_true_cfg2": dict(kind="flux", call=TRUE_CFG, calls=2),
+    "flux_true_cfg2_shm": dict(kind="flux", call=TRUE_CFG, transport="shm"),
+    "bad_true_cfg_segments": dict(kind="flux", call=TRUE_CFG, model_n=2, transport="local"),
     "bad_no_guidance": dict(kind="sd15", call={"guidance_scale": 1.0}),
     "bad_disagree": dict(kind="sd15", rank_cfg=[True, False]),
 }
@@ -82,6 +87,24 @@ def test_cfg_with_segments_on_four_processes_equals_the_simulator():
     assert (ref - plain(case)).abs().max() > FAR
     for got in outs:
         torch.testing.assert_close(got[0], ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["flux_true_cfg2", "flux_true_cfg2_shm"])
+def test_flux_true_cfg_split_over_two_processes_equals_plain_diffusers(name):
+    # each half computes one of the step's two transformer calls at its own batch: the same kernels as plain
+    case = CASES_2[name]
+    outs = ok(results(2, CASES_2)[name])
+    exact = plain(case)
+    assert (exact - plain({**case, "call": {}})).abs().max() > FAR  # true CFG changes the result
+    for rank, got in enumerate(outs):
+        for call, latents_ in enumerate(got):
+            torch.testing.assert_close(latents_, exact, rtol=0, atol=TIGHT, msg=f"rank {rank} call {call}")
+
+
+def test_flux_true_cfg_with_segments_is_refused_naming_model_n():
+    for rank, got in enumerate(results(2, CASES_2)["bad_true_cfg_segments"]):
+        assert got[0] == "error" and got[1] == "ConfigError", f"rank {rank}: {got}"
+        assert "true CFG" in got[2] and "model_n=1" in got[2], got[2]
 
 
 def test_call_without_guidance_is_refused_naming_cfg_parallel():

@@ -34,7 +34,7 @@ from ...runtime.guards import LoopGuard
 from ...runtime.hooks import CallHook, ForwardOverrides
 from ...runtime.session import Session
 from ...runtime.timeline import Timeline
-from ..cfg import CfgSplit
+from ..cfg import CfgSplit, uses_true_cfg
 from .schedule import Step, make_schedule
 from .stepper import SegmentStepper
 from .weights import DROPPED_HELP, drop_weights, was_dropped
@@ -181,7 +181,7 @@ class AsyncDiff:
         self.transport, self.transport_name = self.session.transport, self.session.transport_name
         self.rank, self.world_size = self.session.rank, self.session.world_size  # within this guidance half
         self.cfg = (
-            CfgSplit(self.adapter, self.session.half, self.session.partner, self.session.world)
+            CfgSplit(self.adapter, self.session.half, self.session.partner, self.session.world, model_n)
             if cfg_parallel
             else None
         )
@@ -302,7 +302,9 @@ class AsyncDiff:
             height=self._height,  # None: the pipeline's default size (the model adapter's default_resolution)
             width=self._width,
             repeats=20 if self.device.type == "cuda" else 3,  # CPU timings are coarse anyway
-            batch=self.adapter.default_batch(self.pipe) // 2 if self.cfg is not None else None,
+            batch=self.adapter.default_batch(self.pipe) // 2
+            if self.cfg is not None and self.adapter.guidance_in_batch
+            else None,
             controlnet="replicated",  # install nothing more: a ControlNet listed as blocks is installed already
         )
         return plan.to_json()
@@ -316,12 +318,11 @@ class AsyncDiff:
                     f"{option}={kwargs[option]!r} calls the denoiser more than once per step, which asynchronous "
                     "denoising cannot schedule: leave it unset"
                 )
-        if (kwargs.get("true_cfg_scale") or 1.0) > 1 and (
-            kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
-        ):
+        if uses_true_cfg(kwargs) and self.cfg is None:
             raise ConfigError(
                 "true_cfg_scale > 1 with a negative prompt calls the transformer twice per step (FLUX true CFG), "
-                "which the segments strategy cannot schedule: leave true_cfg_scale at 1"
+                "which the segments strategy cannot schedule: leave true_cfg_scale at 1, or split the two calls "
+                "over two processes with model_n=1, cfg_parallel=True"
             )
         _check_not_offloaded(self.denoiser)
         param = next(self.denoiser.parameters())
@@ -367,6 +368,8 @@ class AsyncDiff:
 
     def _denoiser_forward(self, original: Any):
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.cfg is not None and self.cfg.pairs:
+                return self._true_cfg_call(original, args, kwargs)
             k = self._k
             self._k += 1
             full = self._timestep_arg.bind(args, kwargs)
@@ -381,6 +384,18 @@ class AsyncDiff:
             return self.cfg.join(out, k) if self.cfg is not None else out
 
         return forward
+
+    def _true_cfg_call(self, original: Any, args: tuple, kwargs: dict) -> Any:
+        """Call 2k (prompt) or 2k + 1 (negative) of FLUX's true CFG: one of them is this half's step k."""
+        call = self._k
+        self._k += 1
+        bound = self._timestep_arg.bind(args, kwargs)
+        sample = self._sample(bound)
+        if call == 0:
+            self._begin_loop(bound, bound)
+        self.guard.check_step(call // 2, bound, sample)
+        out = self.stepper.step(call // 2, original, bound, args, kwargs) if self.cfg.computes(call) else None
+        return self.cfg.pair(out, call, sample, bound.arguments.get("return_dict", True))
 
 
 def _check_warm_up(warm_up: Any) -> None:
