@@ -1,13 +1,14 @@
 """`asyncdiff-rt demo`: the built-in tiny pipeline, sequential vs asynchronous, anywhere, no downloads.
 
-Runs the exact pipeline in one worker process, then the asynchronous one on `model_n + stride - 1` worker
-processes (started here, or the torchrun ranks when launched by torchrun), and the simulator; prints both times,
-the fidelity against the exact run, the agreement with the simulator, and writes both images and the timeline of
-the asynchronous run as PNG.
+Runs the asynchronous pipeline on `model_n + stride - 1` worker processes (started here, or the torchrun ranks
+when launched by torchrun); then rank 0 runs the exact pipeline and the simulator and writes both images and the
+timeline of the asynchronous run as PNG; this process prints both times, the fidelity against the exact run and
+the agreement with the simulator. One spawn, and this process never builds a pipeline: the demo starts once.
 
-Both sides run with the same number of threads per process (one process stands for one GPU): timed in this
-process with its own thread count, the sequential side slowed on a busy machine while the workers did not, and
-the speed-up read 36x. On a CPU the figure still is not the point; the GPU tables in benchmarks/results are.
+Both sides run with the same number of threads per process (one process stands for one GPU), and the sequential
+side runs after the other ranks have finished: timed in this process with its own thread count, it slowed on a
+busy machine while the workers did not, and the speed-up read 36x. On a CPU the figure still is not the point;
+the GPU tables in benchmarks/results are.
 """
 
 from __future__ import annotations
@@ -75,19 +76,19 @@ def _timed(pipe: Any, cfg: DemoConfig) -> tuple[torch.Tensor, float]:
     return latents, time.perf_counter() - start
 
 
-def _sequential_worker(rank: int, world: int, cfg_dict: dict, threads: int) -> dict[str, Any]:
-    """The exact pipeline in a fresh process with `threads` threads: the same budget as each asynchronous rank."""
+def _sequential(cfg: DemoConfig) -> dict[str, Any]:
+    """The exact pipeline, timed in this rank-0 worker after the asynchronous run (its peers have finished, so it
+    has the machine to itself) with the same thread count as each asynchronous rank had."""
     from asyncdiff_rt.tiny import make_pipeline
 
-    torch.set_num_threads(threads)
-    cfg = DemoConfig(**cfg_dict)
-    pipe = make_pipeline("demo", seed=cfg.seed)
+    pipe = make_pipeline("demo", seed=cfg.seed)  # fresh: the asynchronous one dropped other ranks' weights
     pipe.set_progress_bar_config(disable=True)
     latents, seconds = _timed(pipe, cfg)
-    return {"latents": latents, "seconds": seconds, "threads": torch.get_num_threads()}
+    return {"pipe": pipe, "latents": latents, "seconds": seconds, "threads": torch.get_num_threads()}
 
 
 def _async_worker(rank: int, world: int, cfg_dict: dict) -> dict[str, Any] | None:
+    """One asynchronous rank; rank 0 then times the sequential run, simulates, and writes the images."""
     import asyncdiff_rt
     from asyncdiff_rt.tiny import make_pipeline
 
@@ -105,19 +106,12 @@ def _async_worker(rank: int, world: int, cfg_dict: dict) -> dict[str, Any] | Non
     latents = _latents(pipe(**kwargs))
     seconds = time.perf_counter() - start
     timeline = ad.gather_timeline()
-    result = (
-        {
-            "latents": latents,
-            "seconds": seconds,
-            "plan": ad.plan.to_dict(),
-            "timeline": timeline,
-            "threads": torch.get_num_threads(),
-        }
-        if rank == 0
-        else None
-    )
+    plan, threads = ad.plan.to_dict(), torch.get_num_threads()
     ad.remove()
-    return result
+    if rank != 0:
+        return None
+    return _finish(cfg, world, {"latents": latents, "seconds": seconds, "plan": plan, "timeline": timeline,
+                                "threads": threads})  # fmt: skip
 
 
 def _save_png(pipe: Any, latents: torch.Tensor, path: str) -> None:
@@ -127,12 +121,44 @@ def _save_png(pipe: Any, latents: torch.Tensor, path: str) -> None:
         pipe.image_processor.postprocess(image, output_type="pil")[0].save(path)
 
 
+def _finish(cfg: DemoConfig, world: int, result: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 after the asynchronous run: the sequential run, the simulator, the images and the timeline."""
+    from ..compiler.plan import Plan
+    from ..simulators.segments import simulate
+    from .fidelity import compare
+
+    seq = _sequential(cfg)
+    pipe, exact = seq.pop("pipe"), seq["latents"]
+    plan = Plan.from_spec(result["plan"])
+    simulated = _latents(simulate(pipe, plan=plan, stride=cfg.stride, warm_up=cfg.warm_up, **_call_kwargs(cfg)))
+    os.makedirs(cfg.out, exist_ok=True)
+    images = [os.path.join(cfg.out, "sequential.png"), os.path.join(cfg.out, "asynchronous.png")]
+    _save_png(pipe, exact, images[0])
+    _save_png(pipe, result["latents"], images[1])
+    timeline = None
+    try:
+        from ..runtime.timeline import draw_timeline
+
+        timeline = os.path.join(cfg.out, "timeline.png")
+        draw_timeline(
+            result["timeline"],
+            timeline,
+            f"demo: model_n={cfg.model_n}, stride={cfg.stride}, warm_up={cfg.warm_up}",
+            steps=cfg.steps,
+        )
+    except ImportError:
+        pass
+    return {
+        "plan": result["plan"], "seconds_exact": seq["seconds"], "seconds_async": result["seconds"],
+        "threads_exact": seq["threads"], "threads_async": result["threads"], "images": images, "timeline": timeline,
+        "vs_exact": compare(exact, result["latents"]), "vs_sim": compare(simulated, result["latents"]),
+    }  # fmt: skip
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from ..compiler.plan import Plan
     from ..compiler.plan_table import format_plan_table
-    from ..simulators.segments import simulate
-    from ..tiny import make_pipeline
-    from .fidelity import compare, format_fidelity
+    from .fidelity import format_fidelity
     from .launch import spawn
 
     cfg.check()
@@ -146,52 +172,30 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         f"demo: built-in tiny SD-shaped pipeline with random weights, {cfg.steps} steps, model_n={cfg.model_n}, "
         f"stride={cfg.stride}, warm_up={cfg.warm_up}, {world} process(es)\n"
         "  random weights: the images are coloured noise and look alike; what matters is how close the asynchronous\n"
-        "  one is to the sequential one (the fidelity line), and that the runtime matches the simulator"
+        "  one is to the sequential one (the fidelity line), and that the runtime matches the simulator",
+        flush=True,
     )
-    if under_torchrun:  # the ranks are there already: time the sequential side here, with a rank's threads
-        exact, t_exact = _timed(make_pipeline("demo", seed=cfg.seed), cfg)
-        seq = {"latents": exact, "seconds": t_exact, "threads": torch.get_num_threads()}
-        result = _async_worker(0, world, asdict(cfg))
+    if under_torchrun:  # the ranks are there already: this process is rank 0
+        res = _async_worker(0, world, asdict(cfg))
     else:
-        threads = max(1, (os.cpu_count() or 1) // world)  # what launch.spawn gives each asynchronous rank
-        seq = spawn(_sequential_worker, 1, asdict(cfg), threads, timeout_s=600)[0]
-        result = spawn(_async_worker, world, asdict(cfg), timeout_s=600)[0]
-    pipe = make_pipeline("demo", seed=cfg.seed)
-    exact, t_exact = seq["latents"], seq["seconds"]
-    plan = Plan.from_spec(result["plan"])
-    simulated = _latents(simulate(pipe, plan=plan, stride=cfg.stride, warm_up=cfg.warm_up, **_call_kwargs(cfg)))
-    vs_exact, vs_sim = compare(exact, result["latents"]), compare(simulated, result["latents"])
-    os.makedirs(cfg.out, exist_ok=True)
-    images = [os.path.join(cfg.out, "sequential.png"), os.path.join(cfg.out, "asynchronous.png")]
-    _save_png(pipe, exact, images[0])
-    _save_png(pipe, result["latents"], images[1])
-
-    print(format_plan_table(plan))
-    speedup = t_exact / result["seconds"]
-    print(f"sequential:   1 process  x {seq['threads']} thread(s)  {t_exact * 1000:8.1f} ms")
+        res = spawn(_async_worker, world, asdict(cfg), timeout_s=600)[0]
+    print(format_plan_table(Plan.from_spec(res["plan"])))
+    t_exact, t_async = res["seconds_exact"], res["seconds_async"]
+    print(f"sequential:   1 process  x {res['threads_exact']} thread(s)  {t_exact * 1000:8.1f} ms")
     print(
-        f"asynchronous: {world} processes x {result['threads']} thread(s)  {result['seconds'] * 1000:8.1f} ms"
-        f"  ({speedup:.2f}x)"
+        f"asynchronous: {world} processes x {res['threads_async']} thread(s)  {t_async * 1000:8.1f} ms"
+        f"  ({t_exact / t_async:.2f}x)"
     )
     print(
         "  on a CPU this figure is not the point: the processes share the cores, the memory bandwidth and the load of\n"
         "  whatever else runs here; each process stands for one GPU and has the same threads. The speed-ups that\n"
         "  matter are the GPU tables in benchmarks/results."
     )
-    print(f"fidelity vs sequential:  {format_fidelity(vs_exact)}")
-    print(f"agreement with simulate: max |diff| {vs_sim['max_abs']:.3g} (the runtime computes the definition)")
-    print(f"images: {images[0]}, {images[1]}")
-    try:
-        from ..runtime.timeline import draw_timeline
-
-        path = os.path.join(cfg.out, "timeline.png")
-        draw_timeline(
-            result["timeline"],
-            path,
-            f"demo: model_n={cfg.model_n}, stride={cfg.stride}, warm_up={cfg.warm_up}",
-            steps=cfg.steps,
-        )
-        print(f"timeline of the asynchronous run (compute and exposed communication per rank): {path}")
-    except ImportError:
+    print(f"fidelity vs sequential:  {format_fidelity(res['vs_exact'])}")
+    print(f"agreement with simulate: max |diff| {res['vs_sim']['max_abs']:.3g} (the runtime computes the definition)")
+    print(f"images: {res['images'][0]}, {res['images'][1]}")
+    if res["timeline"]:
+        print(f"timeline of the asynchronous run (compute and exposed communication per rank): {res['timeline']}")
+    else:
         print("timeline: install matplotlib to draw it")
-    return {"seconds_exact": t_exact, "seconds_async": result["seconds"], "vs_exact": vs_exact, "vs_sim": vs_sim}
+    return {k: res[k] for k in ("seconds_exact", "seconds_async", "vs_exact", "vs_sim")}
