@@ -4,7 +4,8 @@ agree to ~1e-12, far below what a wrong halo, slot or moment moves.
 
 A case: kind, size (the call's height and width), steps, warm_up, sync_mode, transport, calls (pipeline calls in
 a row), kill_rank (that rank exits at step 2), timeout_s, rank_mode (sync_mode per rank), patches, call (extra
-call kwargs), device ("cuda": float32 without TF32, tests/cuda/test_patch_cuda.py), graphs (PatchParallel's).
+call kwargs), device ("cuda": float32 without TF32, tests/cuda/test_patch_cuda.py), dtype (on CUDA: "float64"),
+graphs (PatchParallel's).
 Every rank returns per case ("ok", [latents per call, on the CPU], bytes per step, graphs captured) or ("error",
 type, message).
 """
@@ -21,7 +22,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
 
     results = []
     for case in cases:
-        pipe = pipe_of(case["kind"], case.get("device", "cpu"))
+        pipe = pipe_of(case["kind"], case.get("device", "cpu"), case.get("dtype"))
         pp = None
         try:
             mode = case["rank_mode"][rank] if "rank_mode" in case else case.get("sync_mode", "corrected_async_gn")
@@ -52,7 +53,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
 def simulated(case: dict, patches: int) -> torch.Tensor:
     from asyncdiff_rt import simulate
 
-    pipe = pipe_of(case["kind"], case.get("device", "cpu"))
+    pipe = pipe_of(case["kind"], case.get("device", "cpu"), case.get("dtype"))
     torch.set_num_threads(1)
     with torch.no_grad():
         out = simulate(
@@ -63,7 +64,7 @@ def simulated(case: dict, patches: int) -> torch.Tensor:
 
 
 def plain(case: dict) -> torch.Tensor:
-    pipe = pipe_of(case["kind"], case.get("device", "cpu"))
+    pipe = pipe_of(case["kind"], case.get("device", "cpu"), case.get("dtype"))
     torch.set_num_threads(1)
     with torch.no_grad():
         return latents(pipe(**call_kwargs(case)))

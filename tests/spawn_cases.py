@@ -10,14 +10,15 @@ import torch
 DTYPE = torch.float64
 
 
-def pipe_of(kind: str, device: str = "cpu"):
+def pipe_of(kind: str, device: str = "cpu", dtype: str | None = None):
+    """`dtype` (a torch dtype's name) only on a GPU: "float64" there takes rounding out of a comparison."""
     from asyncdiff_rt.tiny import make_pipeline
 
     if device != "cpu":  # fp32 on a GPU, without TF32 and with fixed cuDNN algorithms
         from dist_cases import exact_gpu_math
 
         exact_gpu_math()
-        return make_pipeline(kind, seed=0, device=device)
+        return make_pipeline(kind, seed=0, device=device, dtype=getattr(torch, dtype or "float32"))
     return make_pipeline(kind, seed=0, dtype=DTYPE)
 
 

@@ -18,7 +18,9 @@ Variants:
 --emulate N (2, 3 or 4): N smaller GPUs emulated on ONE GPU under CUDA MPS (an MPS daemon of its own, every
 process at 100/N % of the SMs): one, control, segments n=N at W=1 and 3, stride 2, CFG parallel; results in
 <out>/emulated_<model>_<device>.{json,md} (tools/emulate.py, benchmarks/README.md). --model may then also be a
-tiny pipeline (tiny:sd15, ...).
+tiny pipeline (tiny:sd15, ...). With --strategy patch: PatchParallel (P = N) in every sync mode at --size px,
+against one and the control (--compare: also segments and CFG); <out>/emulated_patch_<model>_<size>_<device>.*
+(tools/emulate_patch.py).
 """
 
 from __future__ import annotations
@@ -323,10 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="several GPUs: measure n2s1..n{N}s1 and n2s2..n{N-1}s2 at warm_up 1, 3, 9 (plus eager and ours_n1)",
     )
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="default 50 (--strategy patch: 20)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per variant (default 5; --emulate: 3)")
     p.add_argument("--emulate", type=int, default=None, choices=(2, 3, 4), help="N GPUs emulated on one under MPS")
     p.add_argument("--emulate_timeout", type=float, default=300.0, help="seconds per emulated variant")
+    p.add_argument("--strategy", choices=("segments", "patch"), default="segments", help="with --emulate")
+    p.add_argument("--size", type=int, default=None, help="--strategy patch: height and width in pixels")
+    p.add_argument("--warm_up", type=int, default=5, help="--strategy patch: PatchParallel's warm_up")
+    p.add_argument("--compare", action="store_true", help="--strategy patch: also the segments and CFG variants")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--force", action="store_true", help="measure variants already in the results file again")
     p.add_argument(
@@ -338,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeline_variant", default="ours_shm2", help="a multi-process variant, e.g. ours_n4s1w3")
     p.add_argument("--timeline_steps", type=int, default=12)
     args = p.parse_args(argv)
+    if args.strategy == "patch" and not args.emulate:
+        p.error("--strategy patch is measured with --emulate N")
+    if args.steps is None:
+        args.steps = 20 if args.strategy == "patch" else 50
     if args.emulate:  # before anything touches CUDA here: every GPU process must be an MPS client
         return _emulate(p, args)
     if args.model not in ARCHS:
@@ -425,6 +435,14 @@ def _emulate(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.model not in ARCHS and not args.model.startswith("tiny:"):
         p.error(f"--model {args.model!r}: one of {', '.join(ARCHS)} or tiny:<kind>")
     try:
+        if args.strategy == "patch":
+            from .emulate_patch import run_patch_emulation
+
+            size = args.size or (ARCHS[args.model]["size"] if args.model in ARCHS else 128)
+            run_patch_emulation(args.model, args.emulate, size, args.steps, 1 if args.runs is None else args.runs,
+                                args.out, timeout_s=args.emulate_timeout, compare=args.compare,
+                                warm_up=args.warm_up, force=args.force)  # fmt: skip
+            return 0
         run_emulation(args.model, args.emulate, args.steps, 3 if args.runs is None else args.runs, args.out,
                       timeout_s=args.emulate_timeout)  # fmt: skip
     except MpsError as err:

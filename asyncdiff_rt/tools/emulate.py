@@ -101,19 +101,22 @@ def _device_info(rank: int, world: int, spec: dict) -> dict[str, Any]:
     return {"device": name, "torch": torch.__version__, "diffusers": version("diffusers")}
 
 
-def _pipeline(model: str, device: str, steps: int) -> tuple[Any, dict]:
+def _pipeline(model: str, device: str, steps: int, size: int | None = None) -> tuple[Any, dict]:
+    """The pipeline and its call (`size`: height and width in pixels; None: the model's own)."""
     if model.startswith("tiny:"):
         from asyncdiff_rt.tiny import call_kwargs, make_pipeline
 
         kind = model.split(":", 1)[1]
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         pipe = make_pipeline(kind, dtype, device)
-        kwargs = call_kwargs(kind, steps, device=device, output_type="latent")
+        kwargs = call_kwargs(kind, steps, device=device, output_type="latent", size=size)
     else:
         from asyncdiff_rt.tools.archs import build_pipeline, prompt_kwargs
 
         pipe = build_pipeline(model, device=device)
         kwargs = {**prompt_kwargs(model, pipe), "num_inference_steps": steps, "output_type": "latent"}
+        if size:
+            kwargs.update(height=size, width=size)
     pipe.set_progress_bar_config(disable=True)
     kwargs.pop("generator", None)
     return pipe, kwargs

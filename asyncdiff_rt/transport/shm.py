@@ -165,8 +165,8 @@ class ShmTransport(StreamTransport):
             raise ValueError(f"rank {self.rank}: invalid shm peer {peer} (world size {self.world_size})")
         table = self._send if sending else self._recv
         link = table.setdefault(peer, _Link())
-        if link.retired:
-            self._prune(link)
+        if link.retired and not (self._cuda and torch.cuda.is_current_stream_capturing()):
+            self._prune(link)  # closing a channel waits for its GPU work and unregisters memory: not in a capture
         if link.channel is not None and link.channel.capacity >= nbytes:
             return link
         link.generation += 1

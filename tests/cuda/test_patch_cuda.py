@@ -64,3 +64,45 @@ def test_patch_graphs_equal_eager_and_the_simulator(kind, mode):
 def test_patch_graphs_with_exchanges_inside_the_forward(kind, mode):
     # sync_gn's capture with the shm ops inside failed on the H200 (2026-12-01, "invalid argument"): eager for now
     check(kind, mode, INLINE, 0 if mode == "sync_gn" else None)
+
+
+# ---- the two modes left eager (GRAPH_VERIFIED_MODES), captured anyway (graphs.UNVERIFIED_ENV) to tell why ------
+# corrected_async_gn in fp32 is ill-conditioned: the same simulator run in fp32 and fp64 differs by 1e-2 on tiny
+# SDXL (the other modes: 2e-5), so graphs whose kernels round otherwise than eager's fail a 1e-4 comparison
+# without any bug. In float64 rounding is gone: a graph bug would still show, a conditioning effect would not.
+# sync_gn: before the first capture with shm ops inside, the transport is now sized for the packed exchange
+# (graphs.py, Note [patch graphs]); fp32 here, since sync_gn is as well-conditioned as stale_gn.
+FORCED = {("corrected_async_gn", "float64"): 1e-8, ("sync_gn", "float64"): 1e-8, ("sync_gn", "float32"): TOL}
+_FORCED_RESULTS: dict = {}
+
+
+def forced_results(monkeypatch, graphs: bool) -> dict:
+    if graphs not in _FORCED_RESULTS:
+        from asyncdiff_rt.strategies.patches.graphs import UNVERIFIED_ENV
+
+        monkeypatch.setenv(UNVERIFIED_ENV, "1")  # the workers inherit it at spawn
+        names = [(k, m, d) for k in SIZES for m, d in FORCED]
+        cases = [dict(case_of(k, m), dtype=d, graphs=graphs) for k, m, d in names]
+        per_rank = spawn(run_cases, 2, cases, timeout_s=600)
+        _FORCED_RESULTS[graphs] = {n: [r[i] for r in per_rank] for i, n in enumerate(names)}
+    return _FORCED_RESULTS[graphs]
+
+
+@pytest.mark.parametrize("mode,dtype", list(FORCED))
+@pytest.mark.parametrize("kind", list(SIZES))
+def test_unverified_mode_graphs_equal_eager_when_forced(kind, mode, dtype, monkeypatch):
+    tol = FORCED[mode, dtype]
+    graphed, eager = (
+        forced_results(monkeypatch, True)[kind, mode, dtype],
+        forced_results(monkeypatch, False)[kind, mode, dtype],
+    )
+    ref = simulated(dict(case_of(kind, mode), dtype=dtype), patches=2).cpu()
+    for rank in range(2):
+        assert graphed[rank][0] == "ok" and eager[rank][0] == "ok", (graphed[rank], eager[rank])
+        assert graphed[rank][3] > 0, f"rank {rank}: no graph captured (capture failed: see the log)"
+        for call in range(2):
+            got, want = graphed[rank][1][call], eager[rank][1][call]
+            diff = (got - want).abs().max().item()
+            print(f"{kind} {mode} {dtype} rank {rank} call {call}: graphs vs eager max |diff| {diff:.3g}")
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"rank {rank} call {call}: graphs vs eager")
+            torch.testing.assert_close(want, ref, rtol=tol, atol=tol, msg=f"rank {rank} call {call}: eager vs sim")

@@ -46,7 +46,7 @@ class PatchExchange:
     def __init__(self, rank: int, world: int, transport: Any, device: torch.device):
         self.rank, self.world, self.transport, self.device = rank, world, transport, device
         self.entries: dict[tuple, dict[str, _Entry]] = {}  # point -> region -> entry, in registration order
-        self.full_numel: dict[tuple, int] = {}  # point -> elements of this patch's whole input (for the report)
+        self.full_bytes: dict[tuple, int] = {}  # point -> bytes of this patch's whole input (for the report)
         self.frozen = False
         # [slot][point][region] -> own value; [slot][peer][point][region] -> that peer's value
         self.mine: list[dict] = [{}, {}]
@@ -88,13 +88,13 @@ class PatchExchange:
         self._calls[name] = index + 1
         return (name, index)
 
-    def share(self, key: tuple, own: dict[str, torch.Tensor], fresh: bool, full_numel: int = 0) -> tuple[dict, dict]:
+    def share(self, key: tuple, own: dict[str, torch.Tensor], fresh: bool, full_bytes: int = 0) -> tuple[dict, dict]:
         """Publish this rank's `own` region values at point `key`; return (own, others): own[region] is this
         rank's value (this step's when fresh, else the stale one), others[region][peer] the peer's value (of
         step k when `fresh`, blocking; else the stale one, Note [slots])."""
         slot = self.policy.step % 2
         if not self.frozen:
-            self._register(key, own, full_numel)
+            self._register(key, own, full_bytes)
         elif key not in self.entries or any(
             r not in self.entries[key] or self.entries[key][r].shape != v.shape for r, v in own.items()
         ):
@@ -130,6 +130,15 @@ class PatchExchange:
         if self.policy.writes_own:
             self.read_slot = slot
 
+    def prepare_transport(self, regions: tuple[str, ...]) -> None:
+        """Size the transport for the packed exchange of `regions` before a CUDA graph bakes its channels in:
+        shm replaces a channel that a message outgrows, and a captured op would keep writing the old one."""
+        if not self.frozen or self.world == 1 or not regions:
+            return
+        sends = {q: self._spans_of(self._flat_mine[0], self.wanted_from_me(q), regions) for q in self.peers}
+        recvs = {q: self._spans_of(self._flat_theirs[0][q], self.wanted_of(q), regions) for q in self.peers}
+        self.transport.prepare({q: v for q, v in sends.items() if v}, {q: v for q, v in recvs.items() if v})
+
     def gather_rows(self, own: torch.Tensor) -> torch.Tensor:
         """Every patch's output rows on every rank, in row order (axis -2), synchronously."""
         if self.world == 1:
@@ -143,11 +152,11 @@ class PatchExchange:
         return torch.cat([own if q == self.rank else self._gather[q] for q in range(self.world)], dim=-2)
 
     # ---- layout -----------------------------------------------------------------------------------------------------
-    def _register(self, key: tuple, own: dict[str, torch.Tensor], full_numel: int) -> None:
+    def _register(self, key: tuple, own: dict[str, torch.Tensor], full_bytes: int) -> None:
         if key in self.entries:
             raise RuntimeError(f"PatchParallel: exchange point {key} registered twice in one step")
         self.entries[key] = {r: _Entry(v.dtype, v.shape) for r, v in own.items()}
-        self.full_numel[key] = full_numel
+        self.full_bytes[key] = full_bytes
         for slot in (0, 1):  # standalone until the layout is frozen, then views into the flat buffers
             self.mine[slot][key] = {r: torch.empty_like(v) for r, v in own.items()}
             for q in self.peers:
@@ -199,16 +208,31 @@ class PatchExchange:
 
     # ---- report -----------------------------------------------------------------------------------------------------
     def bytes_per_step(self, regions: tuple[str, ...] = REGIONS) -> dict[str, int]:
-        """Bytes this rank sends per step in `regions` (halos, K/V, moments), and what all-gathering every
-        exchanged layer's whole input to every peer would send instead."""
-        out = {"halo": 0, "kv": 0, "gn": 0, "all_gather": 0}
-        for key, entries in self.entries.items():
+        """Bytes this rank sends per step in `regions` (halos, K/V, moments), what all-gathering every exchanged
+        layer's whole input to every peer would send instead ("all_gather"), and what DistriFusion's all-gather
+        sends ("distrifusion", `distrifusion_bytes`)."""
+        out = {"halo": 0, "kv": 0, "gn": 0}
+        for entries in self.entries.values():
             for region, entry in entries.items():
                 if region not in regions:
                     continue
                 receivers = sum(region in self.wanted_from_me(q) for q in self.peers)
-                size = entry.numel * entry.dtype.itemsize * receivers
-                out["halo" if region in ("top", "bottom") else region] += size
-            itemsize = next(iter(entries.values())).dtype.itemsize
-            out["all_gather"] += self.full_numel[key] * itemsize * len(self.peers)
+                out["halo" if region in ("top", "bottom") else region] += entry.numel * entry.dtype.itemsize * receivers
+        out["all_gather"] = sum(self.full_bytes.values()) * len(self.peers)
+        out["distrifusion"] = self.distrifusion_bytes()
         return out
+
+    def distrifusion_bytes(self) -> int:
+        """What this rank sends per async step in distrifuser's one all-gather (mit-han-lab/distrifuser,
+        modules/pp): every other rank gets, per 3x3 convolution, both boundaries of `padding` rows (ours: only the
+        rows a neighbour reads, to that neighbour), per self-attention the patch's whole K and V, per GroupNorm the
+        moments (as ours: 2 x batch x groups, in our moment dtype). Our `bottom` region is exactly `padding` rows."""
+        total = 0
+        for entries in self.entries.values():
+            for region, entry in entries.items():
+                size = entry.numel * entry.dtype.itemsize
+                if region == "bottom":
+                    total += 2 * size  # the top boundary has as many rows as the bottom one
+                elif region in ("kv", "gn"):
+                    total += size
+        return total * len(self.peers)

@@ -30,11 +30,19 @@ Note [patch graphs]
     same step or none: after each inline capture the ranks agree (a host all-gather, once per graph); if any
     failed, every rank drops its graph, rolls its transport's message counters back over the captured ops that
     never ran, and runs those forwards eagerly from then on. On other transports they stay eager.
+
+    A captured shm op bakes its channel's addresses, but shm replaces a channel that a message outgrows (shm.py,
+    Note [shm generations]). `sync_gn`'s first packed exchange (halos and K/V of every point at once, after the
+    first steady forward) outgrows every warm-up message: the graph captured before it then kept the closed
+    channel, and a capture after it could close the retired one while capturing. So before the first inline
+    capture the transport is sized for the steady packed exchange (`prepare`), and shm never closes a retired
+    channel while a capture runs. `full_sync` has no packed exchange, which is why its graphs were not hit.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +70,13 @@ def tensor_timestep(t: Any, device: torch.device) -> Any:
 # naive and separate_gn are not run there. corrected_async_gn's earlier mismatch was the simulator's float32
 # summation order of the correction, not the graphs (fixed in simulators/patch_layers.py, 2026-12-02).
 GRAPH_VERIFIED_MODES = frozenset({"corrected_async_gn", "stale_gn", "no_sync", "full_sync"})
+# Set to 1 (tests/cuda/test_patch_cuda.py) to capture the other modes' graphs too, to compare them with eager.
+UNVERIFIED_ENV = "ASYNCDIFF_RT_UNVERIFIED_PATCH_GRAPHS"
+
+
+def graphs_allowed(sync_mode: str) -> bool:
+    """Whether `sync_mode`'s steady forwards may replay from CUDA graphs (verified, or forced by UNVERIFIED_ENV)."""
+    return sync_mode in GRAPH_VERIFIED_MODES or os.environ.get(UNVERIFIED_ENV) == "1"
 
 
 class PatchGraphs:
@@ -71,7 +86,7 @@ class PatchGraphs:
         wanted = device.type == "cuda" if graphs is None else bool(graphs)
         if wanted and device.type != "cuda":
             log.info("asyncdiff_rt: PatchParallel(graphs=True) on %s: CUDA graphs need a CUDA device, eager", device)
-        if wanted and device.type == "cuda" and sync_mode not in GRAPH_VERIFIED_MODES:
+        if wanted and device.type == "cuda" and not graphs_allowed(sync_mode):
             log.warning(
                 "asyncdiff_rt: PatchParallel(sync_mode=%r) runs eagerly: its CUDA graphs are not verified yet "
                 "(verified: %s)", sync_mode, ", ".join(sorted(GRAPH_VERIFIED_MODES)),
@@ -82,6 +97,7 @@ class PatchGraphs:
         self.executor = Executor(device, self.enabled, compile=False)
         self.inline = self.enabled and getattr(transport, "name", "") in CAPTURABLE_TRANSPORTS
         self._inline_graphs: dict[Any, CapturedCall] = {}
+        self._prepared = False  # the transport sized for the steady packed exchange (Note [patch graphs])
 
     @property
     def captures(self) -> int:
@@ -92,10 +108,14 @@ class PatchGraphs:
         """A new call signature (new exchange buffers): drop every graph."""
         self.executor.clear()
         self._inline_graphs.clear()
+        self._prepared = False
 
-    def run(self, fn: Callable, key: Any, args: tuple, kwargs: dict, comm_inside: bool) -> Any:
+    def run(
+        self, fn: Callable, key: Any, args: tuple, kwargs: dict, comm_inside: bool, prepare: Callable | None = None
+    ) -> Any:
         """`fn(*args, **kwargs)`, replayed from the graph of `key` and the arguments' signature where possible.
-        `comm_inside`: the forward issues transport ops (fresh exchanges) while it runs."""
+        `comm_inside`: the forward issues transport ops (fresh exchanges) while it runs; `prepare()` then sizes the
+        transport for every later message, once before the first such capture."""
         if not comm_inside:
             if not self.executor.use_graphs:
                 return fn(*args, **kwargs)
@@ -105,6 +125,9 @@ class PatchGraphs:
         full_key = (key, signature_of((args, kwargs)))
         graph = self._inline_graphs.get(full_key)
         if graph is None:
+            if prepare is not None and not self._prepared:
+                prepare()  # eagerly, on every rank alike: the inline captures happen at the same steps everywhere
+                self._prepared = True
             graph = self._capture_inline(fn, args, kwargs)
             if graph is None:
                 return fn(*args, **kwargs)

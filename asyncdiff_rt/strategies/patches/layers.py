@@ -71,7 +71,7 @@ def halo_conv_forward(ex: PatchExchange, name: str, conv: torch.nn.Conv2d, origi
             own["top"] = x[..., :below, :]
         if above:
             own["bottom"] = x[..., rows - above :, :]
-        _, others = ex.share(ex.point(name), own, fresh=source == "fresh", full_numel=x.numel())
+        _, others = ex.share(ex.point(name), own, fresh=source == "fresh", full_bytes=x.numel() * x.element_size())
         parts = []
         if above:
             up = others["bottom"].get(ex.rank - 1)
@@ -100,7 +100,9 @@ def group_norm_forward(ex: PatchExchange, name: str, norm: torch.nn.GroupNorm, o
             return original(x)
         flat = _widened(x, norm.num_groups)
         own = torch.stack([flat.mean(-1), flat.square().mean(-1)])  # (2, batch, groups): E[x], E[x^2]
-        then, others = ex.share(ex.point(name), {"gn": own}, fresh=rule == "exact", full_numel=x.numel())
+        then, others = ex.share(
+            ex.point(name), {"gn": own}, fresh=rule == "exact", full_bytes=x.numel() * x.element_size()
+        )
         own_then, theirs = then["gn"], sum(others["gn"].values())
         if rule == "exact":  # equal patch sizes: the image's moments are the mean of the patches'
             moments = (own + theirs) / ex.world
@@ -141,7 +143,12 @@ def self_attention_forward(ex: PatchExchange, name: str, attn: Any, original: Ca
         batch = hidden_states.shape[0]
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         own = torch.stack([k, v])  # (2, batch, tokens, inner)
-        _, others = ex.share(ex.point(name), {"kv": own}, fresh=source == "fresh", full_numel=hidden_states.numel())
+        _, others = ex.share(
+            ex.point(name),
+            {"kv": own},
+            fresh=source == "fresh",
+            full_bytes=hidden_states.numel() * hidden_states.element_size(),
+        )
         kv = torch.cat([own if p == ex.rank else others["kv"][p] for p in range(ex.world)], dim=2)
         heads = attn.heads
         head_dim = q.shape[-1] // heads

@@ -35,7 +35,7 @@ from ...runtime.timeline import Timeline
 from ..cfg import CfgSplit
 from .checks import check_denoiser, check_rows, row_factor, self_attentions
 from .exchange import REGIONS, PatchExchange
-from .graphs import GRAPH_VERIFIED_MODES, PatchGraphs, tensor_timestep
+from .graphs import PatchGraphs, graphs_allowed, tensor_timestep
 from .layers import conv_in_forward, group_norm_forward, halo_conv_forward, self_attention_forward
 from .modes import SYNC_MODES, StepPolicy
 
@@ -110,7 +110,7 @@ class PatchParallel:
         self.warm_up, self.sync_mode, self.timeout_s = warm_up, sync_mode, timeout_s
         self.debug = bool(int(os.environ.get("ASYNCDIFF_RT_DEBUG", "0"))) if debug is None else bool(debug)
         use_graphs = (self.device.type == "cuda" if graphs is None else bool(graphs)) and self.device.type == "cuda"
-        use_graphs = use_graphs and sync_mode in GRAPH_VERIFIED_MODES
+        use_graphs = use_graphs and graphs_allowed(sync_mode)
 
         # ---- ranks: the world is the patches (x2 with cfg_parallel); every rank agrees on the configuration
         world = _world_size(group)
@@ -206,8 +206,9 @@ class PatchParallel:
         return self.session.world.all_gather_object(self.timeline.intervals())
 
     def bytes_per_step(self) -> dict[str, int]:
-        """Bytes this rank sends per steady-state step (halo, kv, gn; "output": the ε rows gathered), and
-        "all_gather": what gathering every exchanged layer's whole input would send. Known after a first call."""
+        """Bytes this rank sends per steady-state step (halo, kv, gn; "output": the ε rows gathered); "all_gather":
+        what gathering every exchanged layer's whole input would send; "distrifusion": what distrifuser's all-gather
+        of boundaries, K/V and moments sends (exchange.py, `distrifusion_bytes`). Known after a first call."""
         steady = StepPolicy(self.sync_mode, self.warm_up, self.warm_up)
         regions = steady.packed_regions + (("gn",) if self.sync_mode == "sync_gn" else ())  # sync_gn: fresh
         out = self.exchange.bytes_per_step(REGIONS if self.sync_mode == "full_sync" else regions)
@@ -315,7 +316,8 @@ class PatchParallel:
             ex.begin_step(policy)  # the exchange points count from 0 in every run (warm-up runs of a capture)
             return original(*a, **kw)
 
-        return self.graphs.run(fn, key, args, kwargs, comm_inside)
+        steady = policy.packed_regions
+        return self.graphs.run(fn, key, args, kwargs, comm_inside, lambda: ex.prepare_transport(steady))
 
 
 class _CurrentExchange:
