@@ -6,6 +6,7 @@ so benchmarks and `asyncdiff-rt plan` use these.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -25,6 +26,9 @@ __all__ = [
     "build_pipeline",
     "prompt_kwargs",
     "default_size",
+    "default_dtype",
+    "default_steps",
+    "runs_cfg",
 ]
 
 _SD_VAE = dict(
@@ -230,7 +234,8 @@ ARCHS: dict[str, dict[str, Any]] = {
     "sd35_medium": dict(size=1024, transformer=SD35_MEDIUM, vae=_SD3_VAE, text_dim=4096, text_len=333, pooled_dim=2048),
     "sd35_large": dict(size=1024, transformer=SD35_LARGE, vae=_SD3_VAE, text_dim=4096, text_len=333, pooled_dim=2048),
     # FLUX.1: T5 embeddings (512 tokens) and CLIP's pooled output are all the transformer sees of the prompt;
-    # guidance-distilled, so no negative embeddings unless asked for (true CFG, `prompt_kwargs(negative=True)`)
+    # guidance-distilled, so no negative embeddings unless asked for (true CFG, `prompt_kwargs(negative=True)`).
+    # bf16 as its checkpoints ship (fp16 overflows in its activations); the model cards' step counts
     "flux": dict(
         size=1024,
         transformer=FLUX_DEV,
@@ -239,6 +244,8 @@ ARCHS: dict[str, dict[str, Any]] = {
         text_len=512,
         pooled_dim=768,
         negative=False,
+        dtype=torch.bfloat16,
+        steps=28,
     ),
     "flux_schnell": dict(
         size=1024,
@@ -248,11 +255,26 @@ ARCHS: dict[str, dict[str, Any]] = {
         text_len=512,  # the pipeline's default max_sequence_length (schnell's model card passes 256)
         pooled_dim=768,
         negative=False,
+        dtype=torch.bfloat16,
+        steps=4,
     ),
 }
 
 # the pipeline class of each transformer-based architecture (the others are UNet pipelines)
 _DIT_PIPELINES = {"SD3Transformer2DModel": "StableDiffusion3Pipeline", "FluxTransformer2DModel": "FluxPipeline"}
+
+
+@contextlib.contextmanager
+def _made_in(device: torch.device | str, dtype: torch.dtype):
+    """Parameters created on `device` in `dtype` directly: FLUX.1-dev made in float32 first would take 47.6 GB
+    (twice its bf16 size) before the cast, and four emulated GPUs build it at once on one device."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else old)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def build_architecture(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
@@ -262,13 +284,27 @@ def build_architecture(name: str, device: torch.device | str = "cpu", dtype: tor
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
     cls_name, config = ARCHITECTURES[name]
-    with torch.device(device):
+    with _made_in(device, dtype):
         model = getattr(diffusers, cls_name).from_config(config)
     return torch.nn.Module.to(model, dtype=dtype).eval()
 
 
 def default_size(name: str) -> int:
     return ARCHS[name]["size"]
+
+
+def default_dtype(name: str) -> torch.dtype:
+    """What the model runs in on a GPU: bf16 for FLUX.1, fp16 for the others."""
+    return ARCHS[name].get("dtype", torch.float16)
+
+
+def default_steps(name: str) -> int:
+    return ARCHS[name].get("steps", 50)
+
+
+def runs_cfg(name: str) -> bool:
+    """Whether the pipeline runs classifier-free guidance by default (FLUX.1 is guidance-distilled: it does not)."""
+    return ARCHS[name].get("negative", True)
 
 
 def _scheduler(name: str, spec: dict[str, Any]) -> Any:
@@ -297,16 +333,18 @@ def _scheduler(name: str, spec: dict[str, Any]) -> Any:
     )
 
 
-def build_pipeline(name: str, dtype: torch.dtype = torch.float16, device: str = "cuda", seed: int = 0) -> Any:
-    """A diffusers pipeline of the real architecture `name` with random weights (no text encoders)."""
+def build_pipeline(name: str, dtype: torch.dtype | None = None, device: str = "cuda", seed: int = 0) -> Any:
+    """A diffusers pipeline of the real architecture `name` with random weights (no text encoders), in `dtype`
+    (default: `default_dtype(name)`)."""
     import diffusers as d
 
     if name not in ARCHS:
         raise ValueError(f"unknown architecture {name!r}: one of {', '.join(ARCHS)}")
     spec = ARCHS[name]
+    dtype = dtype or default_dtype(name)
     torch.manual_seed(seed)
     scheduler = _scheduler(name, spec)
-    with torch.device(device):  # weights made where they live: no host copy of billions of parameters
+    with _made_in(device, dtype):  # weights made where they live, in their dtype: no host copy, no float32 copy
         vae = d.AutoencoderKL(**spec["vae"])
         if "transformer" in spec:
             cls_name = ARCHITECTURES[name][0]

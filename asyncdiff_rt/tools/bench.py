@@ -15,12 +15,16 @@ Variants:
   ours_shm2/ours_shm3  asyncdiff_rt model_n=2/3 as 2/3 processes on ONE GPU over shm (the runtime's overhead:
                      segments share one GPU, so this is not a speed-up)
 
+Each model runs in its own dtype (bf16 for FLUX.1, fp16 for the others) and, by default, its model card's step
+count (FLUX.1-dev 28, the others 50). --model tiny:<kind> (e.g. tiny:flux) runs the same code paths with a tiny
+pipeline, also on a CPU (eager, ours_n1; CUDA-graph variants need CUDA): a check of the bench, not a figure.
+
 --emulate N (2, 3 or 4): N smaller GPUs emulated on ONE GPU under CUDA MPS (an MPS daemon of its own, every
-process at 100/N % of the SMs): one, control, segments n=N at W=1 and 3, stride 2, CFG parallel; results in
-<out>/emulated_<model>_<device>.{json,md} (tools/emulate.py, benchmarks/README.md). --model may then also be a
-tiny pipeline (tiny:sd15, ...). With --strategy patch: PatchParallel (P = N) in every sync mode at --size px,
-against one and the control (--compare: also segments and CFG); <out>/emulated_patch_<model>_<size>_<device>.*
-(tools/emulate_patch.py).
+process at 100/N % of the SMs): one, control, segments n=N at W=1 and 3, stride 2, CFG parallel (models that run
+CFG); results in <out>/emulated_<model>_<device>.{json,md} (tools/emulate.py, benchmarks/README.md). --model may
+then also be a tiny pipeline (tiny:sd15, ...). With --strategy patch: PatchParallel (P = N) in every sync mode at
+--size px, against one and the control (--compare: also segments and CFG);
+<out>/emulated_patch_<model>_<size>_<device>.* (tools/emulate_patch.py).
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["main"]
+from .bench_report import chart, markdown
+from .bench_setup import TINY, bench_pipeline, check_model, model_dtype, model_runs_cfg, model_steps, tiny_kind
+
+__all__ = ["main", "setup_single", "run_variant", "VARIANTS"]
 
 VARIANTS = (
     "eager",
@@ -52,9 +59,17 @@ VARIANTS = (
 )
 
 
+# what a CPU cannot run: plain CUDA graphs (the floor, and reduce-overhead's cudagraph trees)
+CUDA_ONLY = ("graph_floor", "compile_ro")
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _latents(out: Any) -> torch.Tensor:
@@ -68,7 +83,9 @@ def _seeded(kwargs: dict) -> dict:
 
 def _time_loop(pipe: Any, kwargs: dict, runs: int) -> dict[str, Any]:
     """One warm run (its time reported as first_call_s: capture/compile), then `runs` timed runs."""
-    torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     _sync()
     t0 = time.perf_counter()
     latents = _latents(pipe(**_seeded(kwargs)))
@@ -87,7 +104,7 @@ def _time_loop(pipe: Any, kwargs: dict, runs: int) -> dict[str, Any]:
         "min_s": min(times),
         "max_s": max(times),
         "runs": len(times),
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "latents": latents.float().cpu(),
     }
 
@@ -110,14 +127,18 @@ def _graph_floor(pipe: Any) -> None:
     den.forward = forward
 
 
-def _decode_ms(pipe: Any, latents: torch.Tensor) -> float:
+def _decode_ms(pipe: Any, latents: torch.Tensor, kwargs: dict) -> float:
+    """One image's VAE decode, timed after one untimed decode; the latents as the pipeline would decode them."""
     vae = pipe.vae
-    z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    z = latents[:1].to(device=vae.device, dtype=vae.dtype)
+    if z.ndim == 3 and hasattr(pipe, "_unpack_latents"):  # FLUX: 2x2-packed tokens (batch, tokens, 64)
+        z = pipe._unpack_latents(z, kwargs["height"], kwargs["width"], pipe.vae_scale_factor)
+    z = z / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
     with torch.no_grad():
-        vae.decode(z[:1])
+        vae.decode(z)
         _sync()
         t0 = time.perf_counter()
-        vae.decode(z[:1])
+        vae.decode(z)
         _sync()
     return (time.perf_counter() - t0) * 1000
 
@@ -136,12 +157,10 @@ def parse_multi(variant: str) -> dict[str, Any] | None:
 
 def _multi_worker(rank: int, world: int, model: str, steps: int, runs: int, cfg: dict) -> dict:
     import asyncdiff_rt
-    from asyncdiff_rt.tools.archs import build_pipeline, prompt_kwargs
 
     device = 0 if cfg["one_gpu"] else rank
     torch.cuda.set_device(device)
-    pipe = build_pipeline(model, device=f"cuda:{device}")
-    pipe.set_progress_bar_config(disable=True)
+    pipe, call = bench_pipeline(model, f"cuda:{device}", steps)
     ad = asyncdiff_rt.AsyncDiff(
         pipe,
         model_n=cfg["model_n"],
@@ -150,12 +169,7 @@ def _multi_worker(rank: int, world: int, model: str, steps: int, runs: int, cfg:
         transport=cfg["transport"],
         timeout_s=600,
     )
-    kwargs = {
-        **prompt_kwargs(model, pipe),
-        "num_inference_steps": steps,
-        "output_type": "latent",
-        "generator": torch.Generator("cpu").manual_seed(0),
-    }
+    kwargs = {**call, "generator": torch.Generator("cpu").manual_seed(0)}
     result = _time_loop(pipe, kwargs, runs)
     if cfg.get("timeline"):  # one more call, recorded: compute and exposed communication per rank
         ad.record_timeline()
@@ -170,26 +184,27 @@ def _multi_worker(rank: int, world: int, model: str, steps: int, runs: int, cfg:
     return {k: result[k] for k in ("param_gib_rank", "dropped_gib_rank", "peak_mem_gib")}
 
 
-def setup_single(model: str, variant: str, steps: int) -> tuple[Any, dict]:
+def _free() -> None:
+    """The previous variant's pipeline may sit in a reference cycle (forward overrides), and compiled code holds
+    its modules: free both, or its weights count in the next variant's peak memory (FLUX.1: 22 GiB each)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def setup_single(model: str, variant: str, steps: int, device: str | None = None) -> tuple[Any, dict]:
     """The pipeline of a one-process variant, prepared as the variant says, and its call's keyword arguments."""
     import asyncdiff_rt
-    from asyncdiff_rt.tools.archs import build_pipeline, prompt_kwargs
+
+    from ..models.denoiser import find_denoiser
 
     if variant not in VARIANTS or parse_multi(variant) is not None:
         raise ValueError(f"{variant!r} is not a one-process variant ({', '.join(VARIANTS[:6])})")
-    # the previous variant's pipeline may sit in a reference cycle (forward overrides): free it, or its weights
-    # count in this variant's peak memory
-    gc.collect()
-    torch.cuda.empty_cache()
-    pipe = build_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = {
-        **prompt_kwargs(model, pipe),
-        "num_inference_steps": steps,
-        "output_type": "latent",
-        "generator": torch.Generator("cpu").manual_seed(0),
-    }
-    den = pipe.transformer if model == "sd3" else pipe.unet
+    _free()
+    pipe, call = bench_pipeline(model, device or _device(), steps)
+    kwargs = {**call, "generator": torch.Generator("cpu").manual_seed(0)}
+    _, den = find_denoiser(pipe)  # pipe.unet or pipe.transformer (SD3, SD3.5, FLUX.1)
     if variant == "graph_floor":
         _graph_floor(pipe)
     elif variant.startswith("compile_"):
@@ -213,18 +228,18 @@ def run_variant(model: str, variant: str, steps: int, runs: int) -> dict[str, An
         res["param_gib_per_rank"] = [r["param_gib_rank"] for r in results]
         res["peak_mem_gib_per_rank"] = [r["peak_mem_gib"] for r in results]
         return res
+    if variant in CUDA_ONLY and not torch.cuda.is_available():
+        raise RuntimeError(f"{variant} needs CUDA (CUDA graphs); on a CPU run eager, ours_n1")
     pipe, kwargs = setup_single(model, variant, steps)
-    extra: dict[str, Any] = {}
     res = _time_loop(pipe, kwargs, runs)
     if variant == "eager":
-        extra["vae_decode_ms"] = _decode_ms(pipe, res["latents"])
-    res.update(extra)
-    del pipe
-    torch.cuda.empty_cache()
+        res["vae_decode_ms"] = _decode_ms(pipe, res["latents"], kwargs)
+    del pipe, kwargs
+    _free()
     return res
 
 
-# one-process variants whose latents are compared with diffusers eager (same noise; fp16)
+# one-process variants whose latents are compared with diffusers eager (same noise, same dtype)
 COMPARED = ("graph_floor", "compile_default", "compile_ro", "ours_n1", "ours_n1_compile")
 
 
@@ -235,78 +250,9 @@ def _eager_reference(model: str, steps: int, path: str) -> torch.Tensor:
     pipe, kwargs = setup_single(model, "eager", steps)
     latents = _latents(pipe(**_seeded(kwargs))).float().cpu()
     del pipe
+    _free()
     torch.save(latents, path)
     return latents
-
-
-def _markdown(data: dict[str, Any]) -> str:
-    meta, rows = data["meta"], data["variants"]
-    base = rows.get("eager", {}).get("median_s")
-    floor = rows.get("graph_floor", {}).get("median_s")
-    lines = [
-        f"# {meta['model']} at {meta['size']} px, {meta['steps']} steps, batch 2 (CFG), fp16 — {meta['device']}",
-        "",
-        f"torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}. Median of {meta['runs']} runs after "
-        "one warm run; first call = capture/compile included.",
-        "",
-        "| variant | loop median (s) | min–max (s) | per step (ms) | vs eager | vs graph floor | first call (s) "
-        "| peak mem (GiB) | max abs diff vs eager |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name in VARIANTS:
-        r = rows.get(name)
-        if r is None:
-            continue
-        if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | | | | |")
-            continue
-        med = r["median_s"]
-        lines.append(
-            f"| {name} | {med:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | {med / meta['steps'] * 1000:.2f} | "
-            f"{base / med:.2f}x | {floor / med if floor else float('nan'):.3f} | {r['first_call_s']:.1f} | "
-            f"{r['peak_mem_gib']:.1f} | {r.get('max_abs_vs_eager', float('nan')):.3g} |"
-        )
-    ours1 = rows.get("ours_n1", {}).get("median_s")
-    multi = [(n, r) for n, r in rows.items() if parse_multi(n) and "median_s" in r and not r.get("one_gpu", True)]
-    if multi:
-        lines += [
-            "",
-            "Several GPUs, one process per GPU (nccl): speed-up over our own model_n=1 and efficiency against the "
-            "ideal K / (W + (K - W) / n).",
-            "",
-            "| variant | n | stride | W | loop (s) | vs eager | vs ours n=1 | ideal | efficiency | weights GiB/rank |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        K = meta["steps"]
-        for name, r in sorted(multi):
-            n, w = r["model_n"], r["warm_up"]
-            ideal = K / (w + (K - w) / n)
-            speed = ours1 / r["median_s"] if ours1 else float("nan")
-            weights = "/".join(f"{g:.2f}" for g in r["param_gib_per_rank"])
-            lines.append(
-                f"| {name} | {n} | {r['stride']} | {w} | {r['median_s']:.3f} | {base / r['median_s']:.2f}x "
-                f"| {speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} | {weights} |"
-            )
-    if "vae_decode_ms" in rows.get("eager", {}):
-        lines += ["", f"VAE decode (one image, separately): {rows['eager']['vae_decode_ms']:.1f} ms"]
-    return "\n".join(lines) + "\n"
-
-
-def _chart(data: dict[str, Any], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [(n, data["variants"][n]["median_s"]) for n in VARIANTS if "median_s" in data["variants"].get(n, {})]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.barh([n for n, _ in rows][::-1], [v for _, v in rows][::-1], color="#4477aa")
-    ax.set_xlabel(f"{data['meta']['steps']}-step loop latency (s)")
-    ax.set_title(f"{data['meta']['model']} {data['meta']['size']} px on {data['meta']['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="asyncdiff-rt bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, help=f"{', '.join(ARCHS)}; with --emulate also tiny:<kind>")
+    p.add_argument("--model", required=True, help=f"{', '.join(ARCHS)}, or tiny:<kind> (a check of the bench)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument(
         "--nproc",
@@ -325,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="several GPUs: measure n2s1..n{N}s1 and n2s2..n{N-1}s2 at warm_up 1, 3, 9 (plus eager and ours_n1)",
     )
-    p.add_argument("--steps", type=int, default=None, help="default 50 (--strategy patch: 20)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="default: the model's (FLUX.1-dev 28, the others 50; --strategy patch: 20)",
+    )
     p.add_argument("--runs", type=int, default=None, help="timed runs per variant (default 5; --emulate: 3)")
     p.add_argument("--emulate", type=int, default=None, choices=(2, 3, 4), help="N GPUs emulated on one under MPS")
     p.add_argument("--emulate_timeout", type=float, default=300.0, help="seconds per emulated variant")
@@ -346,25 +297,38 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.strategy == "patch" and not args.emulate:
         p.error("--strategy patch is measured with --emulate N")
+    if args.model not in ARCHS and not args.model.startswith(TINY):
+        p.error(f"--model {args.model!r}: one of {', '.join(ARCHS)} or tiny:<kind>")
     if args.steps is None:
-        args.steps = 20 if args.strategy == "patch" else 50
+        args.steps = 20 if args.strategy == "patch" else model_steps(args.model)
     if args.emulate:  # before anything touches CUDA here: every GPU process must be an MPS client
         return _emulate(p, args)
-    if args.model not in ARCHS:
-        p.error(f"--model {args.model!r}: one of {', '.join(ARCHS)} (tiny pipelines only with --emulate)")
+    try:
+        check_model(args.model)
+    except ValueError as err:
+        p.error(str(err))
     args.runs = 5 if args.runs is None else args.runs
-    if not torch.cuda.is_available():
-        raise SystemExit("bench measures GPU latency: no CUDA device here")
-    device = torch.cuda.get_device_name(0)
+    if not torch.cuda.is_available() and tiny_kind(args.model) is None:
+        raise SystemExit("bench measures GPU latency: no CUDA device here (tiny:<kind> runs on a CPU)")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"latency_{args.model}_{device.replace(' ', '_')}")
+    safe_model = args.model.replace(":", "_")
+    stem = os.path.join(args.out, f"latency_{safe_model}_{device.replace(' ', '_')}")
     data = {"meta": {}, "variants": {}}
     if os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
             data = json.load(f)
+        if data.get("variants") and data.get("meta", {}).get("steps") not in (None, args.steps):
+            raise SystemExit(
+                f"{stem}.json holds a {data['meta']['steps']}-step run: pass --steps {data['meta']['steps']} to add "
+                "to it, or another --out"
+            )
     data["meta"] = {
         "model": args.model,
-        "size": ARCHS[args.model]["size"],
+        "size": _size(args.model),
+        "dtype": str(model_dtype(args.model, _device())).replace("torch.", ""),
+        "batch": 2 if model_runs_cfg(args.model) else 1,
+        "cfg": model_runs_cfg(args.model),
         "steps": args.steps,
         "runs": args.runs,
         "device": device,
@@ -378,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         args.variants = ",".join(["eager", "ours_n1", *several])
     eager_latents = None
     # the eager run's latents, to compare the other variants against (kept out of the results folder)
-    latents_path = os.path.join(tempfile.gettempdir(), f"asyncdiff_rt_{os.path.basename(stem)}_eager.pt")
+    latents_path = os.path.join(
+        tempfile.gettempdir(), f"asyncdiff_rt_{os.path.basename(stem)}_{args.steps}steps_eager.pt"
+    )
     for variant in [v for v in args.variants.split(",") if v]:
         if variant in data["variants"] and "error" not in data["variants"][variant] and not args.force:
             print(f"{variant}: already measured, skipped (--force to redo)")
@@ -420,25 +386,33 @@ def main(argv: list[str] | None = None) -> int:
     with open(stem + ".json", "w") as f:
         json.dump(data, f, indent=2)
     with open(stem + ".md", "w") as f:
-        f.write(_markdown(data))
-    _chart(data, stem + ".png")
-    print(_markdown(data))
+        f.write(markdown(data, VARIANTS))
+    chart(data, stem + ".png", VARIANTS)
+    print(markdown(data, VARIANTS))
     return 0
 
 
-def _emulate(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _size(model: str) -> int:
     from .archs import ARCHS
+
+    kind = tiny_kind(model)
+    if kind is None:
+        return ARCHS[model]["size"]
+    from ..tiny import call_kwargs
+
+    return call_kwargs(kind)["height"]
+
+
+def _emulate(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .emulate import run_emulation
     from .mps import MpsError
 
     # a tiny kind is checked in the first child (importing the tiny pipelines here could start CUDA here)
-    if args.model not in ARCHS and not args.model.startswith("tiny:"):
-        p.error(f"--model {args.model!r}: one of {', '.join(ARCHS)} or tiny:<kind>")
     try:
         if args.strategy == "patch":
             from .emulate_patch import run_patch_emulation
 
-            size = args.size or (ARCHS[args.model]["size"] if args.model in ARCHS else 128)
+            size = args.size or _size(args.model)
             run_patch_emulation(args.model, args.emulate, size, args.steps, 1 if args.runs is None else args.runs,
                                 args.out, timeout_s=args.emulate_timeout, compare=args.compare,
                                 warm_up=args.warm_up, force=args.force)  # fmt: skip

@@ -4,8 +4,9 @@ An MPS daemon of our own runs for the whole invocation (tools/mps.py); every GPU
 with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100/N, so N processes side by side behave like N GPUs of 1/N of the SMs
 sharing one HBM, joined by the `shm` transport (through host memory). This process never initialises CUDA. Variants
 (`variants_for`): `one` (ours_n1 alone), `control` (N ours_n1 side by side: what the sharing itself costs), the
-segments variants over shm and, where N fits, CFG parallelism. benchmarks/README.md ("emulated") says what this
-models and what it does not; the report is emulate_report.py's.
+segments variants over shm and, where N fits and the model runs CFG, CFG parallelism (FLUX.1 is guidance-distilled:
+its CFG variants are skipped with a note). benchmarks/README.md ("emulated") says what this models and what it does
+not, and what it costs in memory; the report is emulate_report.py's.
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ from typing import Any
 
 import torch
 
+from .bench_setup import bench_pipeline, model_dtype, model_runs_cfg
 from .emulate_report import breakdown, markdown, summarize
 from .mps import MpsDaemon, percentage
 
-__all__ = ["variants_for", "run_emulation", "EMULATE_NS", "result_stem"]
+__all__ = ["variants_for", "cfg_skipped", "run_emulation", "EMULATE_NS", "result_stem"]
 
 EMULATE_NS = (2, 3, 4)
 
 
-def variants_for(n: int) -> list[dict[str, Any]]:
-    """What `--emulate n` measures, in order: name, what it is, model_n, stride, warm_up, cfg_parallel, processes."""
+def variants_for(n: int, cfg: bool = True) -> list[dict[str, Any]]:
+    """What `--emulate n` measures, in order: name, what it is, model_n, stride, warm_up, cfg_parallel, processes.
+    cfg=False (a model whose call has no CFG batch, FLUX.1): without the CFG-parallel variants."""
     if n not in EMULATE_NS:
         raise ValueError(f"--emulate takes one of {', '.join(map(str, EMULATE_NS))}, got {n!r}")
 
@@ -52,7 +55,18 @@ def variants_for(n: int) -> list[dict[str, Any]]:
         out.append(v("cfg2_n2", "cfg_parallel, model_n=2 per guidance half", 2, cfg=True))
     for spec in out:
         assert spec["procs"] <= n, spec
-    return out
+    return [s for s in out if cfg or not s["cfg_parallel"]]
+
+
+def cfg_skipped(model: str, n: int) -> dict[str, str]:
+    """The CFG-parallel variants `model` cannot run, each with the reason (empty when it runs CFG)."""
+    if model_runs_cfg(model):
+        return {}
+    return {
+        s["name"]: f"skipped: {model} runs no classifier-free guidance (guidance-distilled: no CFG batch to split)"
+        for s in variants_for(n)
+        if s["cfg_parallel"]
+    }
 
 
 def result_stem(out: str, model: str, device: str) -> str:
@@ -101,27 +115,6 @@ def _device_info(rank: int, world: int, spec: dict) -> dict[str, Any]:
     return {"device": name, "torch": torch.__version__, "diffusers": version("diffusers")}
 
 
-def _pipeline(model: str, device: str, steps: int, size: int | None = None) -> tuple[Any, dict]:
-    """The pipeline and its call (`size`: height and width in pixels; None: the model's own)."""
-    if model.startswith("tiny:"):
-        from asyncdiff_rt.tiny import call_kwargs, make_pipeline
-
-        kind = model.split(":", 1)[1]
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        pipe = make_pipeline(kind, dtype, device)
-        kwargs = call_kwargs(kind, steps, device=device, output_type="latent", size=size)
-    else:
-        from asyncdiff_rt.tools.archs import build_pipeline, prompt_kwargs
-
-        pipe = build_pipeline(model, device=device)
-        kwargs = {**prompt_kwargs(model, pipe), "num_inference_steps": steps, "output_type": "latent"}
-        if size:
-            kwargs.update(height=size, width=size)
-    pipe.set_progress_bar_config(disable=True)
-    kwargs.pop("generator", None)
-    return pipe, kwargs
-
-
 def _worker(rank: int, world: int, spec: dict) -> dict[str, Any]:
     """One process of one variant: build the pipeline once, one untimed warm-up call, `runs` timed calls (all
     processes start each together, behind a barrier), one recorded call for the timeline."""
@@ -132,7 +125,9 @@ def _worker(rank: int, world: int, spec: dict) -> dict[str, Any]:
     from asyncdiff_rt.compiler.plan import Plan
 
     device = "cuda:0" if spec["device"] == "cuda" else "cpu"
-    pipe, kwargs = _pipeline(spec["model"], device, spec["steps"])
+    # built on the device in its own dtype (FLUX.1: 22.2 GiB of bf16; never a float32 copy, which four processes
+    # building at once could not hold); non-owned blocks are freed by AsyncDiff below
+    pipe, kwargs = bench_pipeline(spec["model"], device, spec["steps"])
     if spec["independent"] and world > 1:  # control: the processes only share a barrier
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=spec["timeout_s"]))
     ad = asyncdiff_rt.AsyncDiff(
@@ -257,7 +252,8 @@ def run_emulation(
     """Measure every variant of `variants_for(n)` (or those named in `only`) and write
     `<out>/emulated_<model>_<device>.{json,md}`; the `n` entry of an existing file is replaced. `device="cpu"`
     (tests) runs the same orchestration on CPU processes; `daemon` is an MpsDaemon (or a stand-in)."""
-    specs = [s for s in variants_for(n) if only is None or s["name"] in only]
+    skipped = {k: v for k, v in cfg_skipped(model, n).items() if only is None or k in only}
+    specs = [s for s in variants_for(n, cfg=not skipped) if only is None or s["name"] in only]
     if device == "cuda" and torch.cuda.is_initialized():
         raise RuntimeError("run_emulation must run in a process that has not initialised CUDA (MPS clients only)")
     daemon = MpsDaemon() if daemon is None else daemon
@@ -282,8 +278,12 @@ def run_emulation(
             "date": datetime.date.today().isoformat(),
             "mps_pipe_dir": getattr(daemon, "pipe_dir", None),
             "mps_server_list": servers,
+            "dtype": str(model_dtype(model, device)).replace("torch.", ""),
+            "skipped": skipped,
             "variants": {},
         }
+        for name, note in skipped.items():
+            print(f"emulate {n}: {name}: {note}", flush=True)
         data["emulations"][str(n)] = entry
         plans: dict[int, str] = {}  # one plan per model_n (without CFG) for every W: the variants compare alike
         for spec in specs:

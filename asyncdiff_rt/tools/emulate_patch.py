@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import emulate
+from .bench_setup import bench_pipeline
 from .emulate_patch_report import markdown, summarize
 from .mps import MpsDaemon, percentage
 
@@ -128,7 +129,7 @@ def _worker(rank: int, world: int, spec: dict) -> dict[str, Any]:
 
     cuda = spec["device"] == "cuda"
     device = "cuda:0" if cuda else "cpu"
-    pipe, kwargs = emulate._pipeline(spec["model"], device, spec["steps"], spec["size"])
+    pipe, kwargs = bench_pipeline(spec["model"], device, spec["steps"], spec["size"])
     if spec["independent"] and world > 1:  # control: the processes only share a barrier
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=spec["timeout_s"]))
     rt = _runtime(pipe, spec)

@@ -93,6 +93,7 @@ def markdown(data: dict[str, Any]) -> str:
         e = data["emulations"][key]
         n, pct, K = e["n"], e["percent"], e["steps"]
         size = f" at {e['size']} px" if e.get("size") else ""
+        size += f", {e['dtype']}" if e.get("dtype") else ""
         lines += [
             f"# {meta['model']}{size}, {K} steps — emulated: {n} processes on one GPU under MPS at {pct} % of the SMs "
             f"each ({meta['device']})",
@@ -127,6 +128,7 @@ def markdown(data: dict[str, Any]) -> str:
             each = ", ".join(f"{m:.3f}" for m in control["medians_s"])
             lines += ["", f"control: each process's median {each} s; mean {control['mean_s']:.3f} s (its row)."]
         notes = [f"{name}: {r['s_note']}" for name, r in e["variants"].items() if r.get("s_note")]
+        notes += [f"{name}: {note}" for name, note in (e.get("skipped") or {}).items()]
         if notes:
             lines += ["", *notes]
         lines.append("")
