@@ -1,16 +1,13 @@
 #include "shm_channel.h"
 
-#include <sched.h>
-#include <signal.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <chrono>
-#include <cstdio>
 #include <cstring>
 #include <sstream>
 #include <thread>
 
+#include "channel_header.h"
 #include "check.h"
 #include "driver_api.h"
 
@@ -21,70 +18,51 @@
 
 namespace asyncdiff_rt {
 
+using namespace channel_detail;
+
 namespace {
 
-constexpr std::uint32_t kMagic = 0x54524441;  // "ADRT"
-constexpr std::uint32_t kLayoutVersion = 1;
-constexpr std::size_t kHeaderBytes = 4096;
-constexpr std::size_t kPage = 4096;
-constexpr std::uint32_t kSenderCpu = 1;
-constexpr std::uint32_t kSenderGpu = 2;
-
-std::size_t round_up(std::size_t v, std::size_t a) { return (v + a - 1) / a * a; }
-
-// One word per cache line so the two sides never share a line they both write.
-struct alignas(64) Word {
-  std::uint32_t value;
-};
-
-using Clock = std::chrono::steady_clock;
-
-std::uint32_t load_acquire(const std::uint32_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-void store_release(std::uint32_t* p, std::uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+// Exported device slots are allocated in whole 2 MiB pages: no other allocation shares what the peer maps.
+constexpr std::size_t kDeviceGranularity = 2u << 20;
 
 }  // namespace
 
-struct ChannelHeader {
-  std::uint32_t magic;  // written last by the creator (release)
-  std::uint32_t layout_version;
-  std::uint64_t capacity;
-  std::int32_t creator_pid;
-  std::int32_t opener_pid;
-  Word failed;       // nonzero once either side marked the channel failed
-  Word sender_kind;  // kSenderCpu / kSenderGpu, set by the sender before its first message
-  Word full[2];      // Note [shm handshake]
-  Word stamp[2];     // low 32 bits of the seq in each slot
-  Word done[2];      // low 32 bits of the last seq whose op completed: [0] sender side, [1] receiver side
-};
-static_assert(sizeof(ChannelHeader) <= kHeaderBytes, "channel header must fit its page");
-
-ShmChannel::ShmChannel(const std::string& name, std::size_t capacity, bool create, int device, int peer,
-                       double timeout_s, int peer_pid)
+ShmChannel::ShmChannel(SlotStorage storage, const std::string& name, std::size_t capacity, bool create, int device,
+                       int peer, double timeout_s, int peer_pid)
     : name_(name),
       capacity_(capacity),
+      storage_(storage),
       device_(device),
       peer_(peer),
       known_peer_pid_(peer_pid),
       timeout_s_(timeout_s),
       creator_(create) {
-  ADRT_CHECK(capacity > 0, "shm channel '" << name << "': capacity must be positive");
-  ADRT_CHECK(timeout_s > 0, "shm channel '" << name << "': timeout_s must be positive");
+  const bool on_device = storage == SlotStorage::kDevice;
+  ADRT_CHECK(capacity > 0, kind() << " channel '" << name << "': capacity must be positive");
+  ADRT_CHECK(timeout_s > 0, kind() << " channel '" << name << "': timeout_s must be positive");
+  ADRT_CHECK(!on_device || device >= 0, "ipc channel '" << name << "': device " << device
+                                                        << " is not a CUDA device; the ipc channel moves device memory "
+                                                           "(use a shm channel for host memory)");
 #ifndef ASYNCDIFF_RT_WITH_CUDA
-  if (device >= 0) ADRT_NO_CUDA("a shm channel on a CUDA device");
+  if (device >= 0) ADRT_NO_CUDA(on_device ? "an ipc channel" : "a shm channel on a CUDA device");
 #endif
   slot_stride_ = round_up(capacity, kPage);
-  std::size_t total = kHeaderBytes + 2 * slot_stride_;
+  std::size_t total = kHeaderBytes + (on_device ? 0 : 2 * slot_stride_);
+  const std::string who =
+      std::string(kind()) + " channel '" + name + "' (peer rank " + std::to_string(peer) + ", set-up)";
   if (create) {
     region_ = ShmRegion::create(name, total);
     auto* h = static_cast<ChannelHeader*>(region_.data());
     h->layout_version = kLayoutVersion;
     h->capacity = capacity;
     h->creator_pid = static_cast<std::int32_t>(::getpid());
-    store_release(&h->magic, kMagic);
+    h->storage = static_cast<std::uint32_t>(storage);
     header_ = h;
+    if (device >= 0) setup_gpu_flags();
+    if (on_device) setup_device_slots(who);  // before the magic: an opener finds the handle in place
+    store_release(&h->magic, kMagic);
   } else {
     auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
-    const std::string who = "shm channel '" + name + "' (peer rank " + std::to_string(peer) + ", set-up)";
     region_ = ShmRegion::open(name, total, timeout_s, peer_pid, who);
     auto* h = static_cast<ChannelHeader*>(region_.data());
     while (load_acquire(&h->magic) != kMagic) {
@@ -93,33 +71,99 @@ ShmChannel::ShmChannel(const std::string& name, std::size_t capacity, bool creat
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     ADRT_CHECK(load_acquire(&h->failed.value) == 0, who << ": the peer marked the channel failed");
-    ADRT_CHECK(h->layout_version == kLayoutVersion,
-               "shm channel '" << name << "': layout version " << h->layout_version << " != " << kLayoutVersion
-                               << " (both sides must run the same asyncdiff_rt build)");
+    ADRT_CHECK(h->layout_version == kLayoutVersion, kind() << " channel '" << name << "': layout version "
+                                                           << h->layout_version << " != " << kLayoutVersion
+                                                           << " (both sides must run the same asyncdiff_rt build)");
+    ADRT_CHECK(h->storage == static_cast<std::uint32_t>(storage),
+               who << ": the peer made a "
+                   << (h->storage == static_cast<std::uint32_t>(SlotStorage::kHost) ? "shm" : "ipc")
+                   << " channel, this side opens an " << kind() << " one (both sides must use the same transport)");
     ADRT_CHECK(h->capacity == capacity,
-               "shm channel '" << name << "': capacity " << capacity << " != peer's " << h->capacity);
-    __atomic_store_n(&h->opener_pid, static_cast<std::int32_t>(::getpid()), __ATOMIC_RELEASE);
+               kind() << " channel '" << name << "': capacity " << capacity << " != peer's " << h->capacity);
     header_ = h;
+    if (device >= 0) setup_gpu_flags();
+    if (on_device) setup_device_slots(who);  // last: nothing after it can fail (Note [ipc teardown])
+    __atomic_store_n(&h->opener_pid, static_cast<std::int32_t>(::getpid()), __ATOMIC_RELEASE);
     region_.unlink();  // Note [shm names]
   }
-  if (device >= 0) {
+  slots_ = on_device ? device_slots_.data() : static_cast<std::uint8_t*>(region_.data()) + kHeaderBytes;
+}
+
+void ShmChannel::setup_gpu_flags() {
 #ifdef ASYNCDIFF_RT_WITH_CUDA
-    driver_api();  // fail early, with the reason, when the driver lacks stream memory operations
-    region_.register_cuda(device);
-    for (int p = 0; p < 2; ++p) {
-      dev_full_[p] = reinterpret_cast<std::uintptr_t>(region_.device_pointer(full_word(p)));
-      dev_stamp_[p] = reinterpret_cast<std::uintptr_t>(region_.device_pointer(stamp_word(p)));
-      dev_done_[p] = reinterpret_cast<std::uintptr_t>(region_.device_pointer(&header_->done[p].value));
-    }
+  driver_api();  // fail early, with the reason, when the driver lacks stream memory operations
+  region_.register_cuda(device_);
+  for (int p = 0; p < 2; ++p) {
+    dev_full_[p] = reinterpret_cast<std::uintptr_t>(region_.device_pointer(full_word(p)));
+    dev_stamp_[p] = reinterpret_cast<std::uintptr_t>(region_.device_pointer(stamp_word(p)));
+    dev_done_[p] = reinterpret_cast<std::uintptr_t>(region_.device_pointer(&header_->done[p].value));
+  }
 #endif
+}
+
+void ShmChannel::setup_device_slots(const std::string& who) {
+  ChannelHeader* h = header_;
+  std::uint32_t* state = &h->import_state.value;
+  if (creator_) {
+    const std::size_t bytes = round_up(2 * slot_stride_, kDeviceGranularity);
+    try {
+      device_slots_.allocate(device_, bytes, h->ipc_handle, &h->slots_offset);
+    } catch (const std::exception& e) {
+      ADRT_CHECK(false, who << ": cannot export " << bytes << " bytes of device memory on cuda:" << device_ << ": "
+                            << e.what());
+    }
+    h->slots_bytes = bytes;
+    return;
+  }
+  std::uint32_t seen = 0;
+  if (!compare_exchange(state, kImportNone, kImported, &seen)) {
+    ADRT_CHECK(false, who << ": the peer closed the channel before this side opened it (import state " << seen << ")");
+  }
+  try {
+    device_slots_.open(device_, h->ipc_handle, h->slots_offset);
+  } catch (const std::exception& e) {
+    store_release(state, kImportClosed);  // the creator need not wait for a mapping that never existed
+    ADRT_CHECK(false, who << ": cannot open the peer's device slots through CUDA IPC on cuda:" << device_ << " ("
+                          << e.what()
+                          << "); CUDA IPC needs both processes on the same GPU or on GPUs with peer access (use "
+                             "transport='shm' otherwise)");
+  }
+}
+
+void ShmChannel::release_device_slots() noexcept {
+  ChannelHeader* h = header_;
+  if (!device_slots_.held() || h == nullptr) return;
+  std::uint32_t* state = &h->import_state.value;
+  if (!creator_) {
+    device_slots_.release();  // the importer's mapping first, then tell the exporter
+    store_release(state, kImportClosed);
+    return;
+  }
+  std::uint32_t seen = 0;
+  if (compare_exchange(state, kImportNone, kExporterClosed, &seen)) {
+    device_slots_.release();  // never imported: no one else maps it
+    return;
+  }
+  // Imported: wait for the importer to close its mapping, or to exit. A healthy peer closes its receives as its
+  // transport closes; after a failure give it a short grace. Past it, leak rather than free memory still mapped.
+  const double grace_s = failed() ? 2.0 : timeout_s_;
+  auto deadline = Clock::now() + std::chrono::duration<double>(grace_s);
+  for (;;) {
+    if (load_acquire(state) == kImportClosed || !process_alive(peer_pid())) {
+      device_slots_.release();
+      return;
+    }
+    if (Clock::now() >= deadline) {
+      device_slots_.leak();
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
 }
 
 ShmChannel::~ShmChannel() { close(); }
 
-std::uint8_t* ShmChannel::slot(int parity) const {
-  return static_cast<std::uint8_t*>(region_.data()) + kHeaderBytes + static_cast<std::size_t>(parity) * slot_stride_;
-}
+std::uint8_t* ShmChannel::slot(int parity) const { return slots_ + static_cast<std::size_t>(parity) * slot_stride_; }
 std::uint32_t* ShmChannel::full_word(int parity) const { return &header_->full[parity].value; }
 std::uint32_t* ShmChannel::stamp_word(int parity) const { return &header_->stamp[parity].value; }
 
@@ -144,6 +188,14 @@ bool ShmChannel::peer_opened() const {
   return !creator_ || h == nullptr || __atomic_load_n(&h->opener_pid, __ATOMIC_ACQUIRE) != 0;
 }
 
+bool ShmChannel::peer_released() const {
+  ChannelHeader* h = header_;
+  if (!creator_ || h == nullptr) return true;
+  if (storage_ == SlotStorage::kHost) return peer_opened();
+  std::uint32_t state = load_acquire(&h->import_state.value);
+  return state == kImportClosed || state == kExporterClosed;
+}
+
 bool ShmChannel::wait_peer_opened(double timeout_s) {
   auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
   while (!peer_opened()) {
@@ -155,7 +207,7 @@ bool ShmChannel::wait_peer_opened(double timeout_s) {
 
 std::string ShmChannel::describe(std::uint64_t step) const {
   std::ostringstream os;
-  os << "shm channel '" << name_ << "' (peer rank " << peer_ << ", step " << step << ")";
+  os << kind() << " channel '" << name_ << "' (peer rank " << peer_ << ", step " << step << ")";
   return os.str();
 }
 
@@ -173,7 +225,7 @@ void ShmChannel::fail(const std::string& message) {
 }
 
 void ShmChannel::check_usable(Role role, std::uint64_t seq) {
-  ADRT_CHECK(header_ != nullptr, "shm channel '" << name_ << "' is closed");
+  ADRT_CHECK(header_ != nullptr, kind() << " channel '" << name_ << "' is closed");
   if (failed_local_) {
     ADRT_CHECK(false, describe(seq) << ": channel failed earlier: " << failure_);
   }
@@ -195,64 +247,6 @@ void ShmChannel::check_fits(const std::vector<Part>& parts, std::uint64_t seq) c
   for (const auto& part : parts) {
     ADRT_CHECK(part.ptr != 0 || part.nbytes == 0, describe(seq) << ": null pointer");
   }
-}
-
-void ShmChannel::check_peer(std::uint64_t step, const char* what) {
-  if (load_acquire(&header_->failed.value) != 0) {
-    fail(describe(step) + ": peer rank " + std::to_string(peer_) + " marked the channel failed while waiting " + what);
-  }
-  int pid = peer_pid();
-  if (!process_alive(pid)) {
-    fail(describe(step) + ": peer rank " + std::to_string(peer_) + " (pid " + std::to_string(pid) +
-         ") exited while waiting " + what);
-  }
-}
-
-void ShmChannel::host_wait_flag(int parity, std::uint32_t value, std::uint64_t step, const char* what) {
-  std::uint32_t* word = full_word(parity);
-  if (load_acquire(word) == value) return;
-  auto start = Clock::now();
-  auto deadline = start + std::chrono::duration<double>(timeout_s_);
-  auto next_check = start;
-  for (std::uint64_t i = 0;; ++i) {
-    if (load_acquire(word) == value) return;
-    if (i < 256) {
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
-      continue;
-    }
-    auto now = Clock::now();
-    if (now >= next_check) {
-      check_peer(step, what);
-      if (now >= deadline) {
-        std::ostringstream os;
-        os << describe(step) << ": timed out after " << timeout_s_ << " s waiting " << what;
-        fail(os.str());
-      }
-      next_check = now + std::chrono::milliseconds(20);
-    }
-    if (now - start < std::chrono::milliseconds(2)) {
-      sched_yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
-  }
-}
-
-void ShmChannel::record_done(std::uint64_t seq, StreamHandle stream) {
-  std::unique_ptr<Event> ev;
-  if (pending_.size() >= kMaxPending) {
-    ev = std::move(pending_.front().second);
-    pending_.pop_front();
-  } else if (!spare_events_.empty()) {
-    ev = std::move(spare_events_.back());
-    spare_events_.pop_back();
-  } else {
-    ev = std::make_unique<Event>(device_);
-  }
-  ev->record(stream);
-  pending_.emplace_back(seq, std::move(ev));
 }
 
 bool ShmChannel::begin_op(Role role, std::uint64_t seq, const std::vector<Part>& parts, StreamHandle stream) {
@@ -351,148 +345,38 @@ void ShmChannel::recv(std::uint64_t seq, const std::vector<Part>& parts, StreamH
   if (device_ >= 0 && !capturing) record_done(seq, stream);
 }
 
-void ShmChannel::release_gpu(double grace_s) {
-#ifdef ASYNCDIFF_RT_WITH_CUDA
-  if (device_ < 0 || header_ == nullptr || role_ == Role::kNone) return;
-  // A blocked sender waits for full == 0, a blocked receiver for full == 1: keep writing what this side's
-  // stream waits for until its last op completed (its own flag writes may re-block a later op).
-  const std::uint32_t release_value = role_.load() == Role::kSender ? 0 : 1;
-  auto deadline = Clock::now() + std::chrono::duration<double>(grace_s);
-  for (;;) {
-    for (int p = 0; p < 2; ++p) store_release(full_word(p), release_value);
-    bool done = true;
-    if (!pending_.empty()) {
-      cudaError_t err = cudaEventQuery(pending_.back().second->handle());
-      done = err != cudaErrorNotReady;
-      if (err != cudaSuccess && err != cudaErrorNotReady) cudaGetLastError();
-    }
-    if (done || Clock::now() >= deadline) break;
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-#else
-  (void)grace_s;
-#endif
-}
-
-void ShmChannel::wait(std::uint64_t seq, double timeout_s) {
-  ADRT_CHECK(header_ != nullptr, "shm channel '" << name_ << "' is closed");
-  if (failed_local_) ADRT_CHECK(false, describe(seq) << ": channel failed earlier: " << failure_);
-  if (device_ < 0) {
-    if (load_acquire(&header_->failed.value) != 0) {
-      fail(describe(seq) + ": peer rank " + std::to_string(peer_) + " marked the channel failed");
-    }
-    return;
-  }
-#ifdef ASYNCDIFF_RT_WITH_CUDA
-  Event* ev = nullptr;
-  for (auto& entry : pending_) {
-    if (entry.first == seq) ev = entry.second.get();
-  }
-  if (ev == nullptr) {
-    // Older than the events kept (completed long ago), issued under graph capture (no event), or never issued:
-    // nothing this side can wait for.
-    return;
-  }
-  DeviceGuard guard(device_);
-  auto start = Clock::now();
-  auto deadline = start + std::chrono::duration<double>(timeout_s);
-  auto next_check = start;
-  const char* what = role_.load() == Role::kSender ? "for the send to complete (receiver to free the slot)"
-                                                   : "for the sender's message";
-  for (;;) {
-    if (ev->query()) break;
-    auto now = Clock::now();
-    if (now >= next_check) {
-      bool peer_failed = load_acquire(&header_->failed.value) != 0;
-      int pid = peer_pid();
-      bool peer_dead = !process_alive(pid);
-      if (peer_failed || peer_dead || now >= deadline) {
-        std::ostringstream os;
-        os << describe(seq) << ": ";
-        if (peer_failed) {
-          os << "peer rank " << peer_ << " marked the channel failed";
-        } else if (peer_dead) {
-          os << "peer rank " << peer_ << " (pid " << pid << ") exited";
-        } else {
-          os << "timed out after " << timeout_s << " s";
-        }
-        os << " while waiting " << what << "; the stream was released and the data of this step is invalid";
-        mark_failed(os.str());
-        release_gpu(5.0);
-        throw std::runtime_error("asyncdiff_rt: " + os.str());
-      }
-      next_check = now + std::chrono::milliseconds(20);
-    }
-    if (now - start < std::chrono::milliseconds(1)) {
-      sched_yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
-  }
-  // Retire completed events.
-  while (!pending_.empty() && pending_.front().first <= seq) {
-    spare_events_.push_back(std::move(pending_.front().second));
-    pending_.pop_front();
-  }
-#else
-  (void)timeout_s;
-#endif
-}
-
-bool ShmChannel::completed(std::uint64_t seq) const {
-  ChannelHeader* h = header_;
-  Role role = role_.load();
-  if (h == nullptr || role == Role::kNone) return true;
-  std::uint32_t done = load_acquire(&h->done[role == Role::kSender ? 0 : 1].value);
-  // 32-bit words wrap: "done >= seq" within half the range.
-  return static_cast<std::int32_t>(done - static_cast<std::uint32_t>(seq)) >= 0;
-}
-
-std::string ShmChannel::peer_problem() const {
-  ChannelHeader* h = header_;
-  if (h == nullptr) return "";
-  if (load_acquire(&h->failed.value) != 0) {
-    return "peer rank " + std::to_string(peer_) + " or this side marked the channel failed";
-  }
-  int pid = peer_pid();
-  if (!process_alive(pid)) return "peer rank " + std::to_string(peer_) + " (pid " + std::to_string(pid) + ") exited";
-  return "";
-}
-
-void ShmChannel::release_from_host() {
-  ChannelHeader* h = header_;
-  if (h == nullptr) return;
-  store_release(&h->failed.value, 1);
-  Role role = role_.load();
-  if (device_ < 0 || role == Role::kNone) return;
-  const std::uint32_t release_value = role == Role::kSender ? 0 : 1;
-  for (int p = 0; p < 2; ++p) store_release(&h->full[p].value, release_value);
-}
-
-void ShmChannel::abort(const std::string& reason) {
-  if (header_ == nullptr) return;
-  mark_failed(reason);
-  release_gpu(1.0);
-  if (creator_) region_.unlink();
-}
-
 void ShmChannel::close() noexcept {
   if (header_ == nullptr) return;
+  bool drained = true;  // no copy of this side is still in flight (as far as the host can tell)
 #ifdef ASYNCDIFF_RT_WITH_CUDA
   if (device_ >= 0 && !pending_.empty()) {
-    // The slots must not be unmapped under an in-flight DMA.
+    // The slots must not be unmapped or freed under an in-flight DMA.
+    bool released = false;
     try {
-      if (!failed()) {
-        wait(pending_.back().first, timeout_s_);
-      } else {
-        release_gpu(5.0);
-      }
+      if (!failed()) wait(pending_.back().first, timeout_s_);  // retires every event on success
     } catch (...) {
+      released = true;  // wait marked the channel failed and released the stream
+    }
+    if (!pending_.empty()) {
+      if (!released) release_gpu(5.0);
+      try {
+        drained = pending_.back().second->query();
+      } catch (...) {
+        drained = false;
+      }
     }
     pending_.clear();
     spare_events_.clear();
   }
 #endif
+  if (storage_ == SlotStorage::kDevice) {
+    if (drained) {
+      release_device_slots();
+    } else {
+      device_slots_.leak();  // a copy may still touch it: leak rather than fault (Note [ipc teardown])
+    }
+  }
+  slots_ = nullptr;
   header_ = nullptr;
   region_.close();
 }

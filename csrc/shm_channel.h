@@ -1,6 +1,8 @@
-// A directed, double-buffered channel from one process to another through a ShmRegion (DESIGN §1, §5).
+// A directed, double-buffered channel from one process to another through a ShmRegion (DESIGN §1, §5): the `shm`
+// channel (slots in the shared region) and the `ipc` channel (slots in device memory, Note [ipc channel]); they share
+// the header, the handshake, the waits and the failure handling below.
 //
-// Layout: a 4 KiB header, then two slots of `capacity` bytes (rounded up to pages). The sender packs several
+// Layout: a 4 KiB header, then (shm) two slots of `capacity` bytes (rounded up to pages). The sender packs several
 // (ptr, nbytes) parts into the slot of parity seq % 2, each part at a 256-byte aligned offset, in list order;
 // the receiver unpacks the same list. Both sides must pass the same capacity and, per seq, the same sizes.
 //
@@ -34,6 +36,18 @@
 // sends and receives on the same channel direction deadlocks unless the other side runs concurrently, as in
 // eager mode. (5) The stamp a captured send writes is the seq at capture time, so a CPU receiver cannot check it.
 // A channel is single-threaded: one thread issues its ops.
+//
+// Note [ipc channel]: the same header, flags and waits, but the two slots live in device memory that the creator
+// allocates and exports through CUDA IPC (csrc/device_slots.h) and the opener maps on its own device: the same GPU
+// or one with peer access. Either side may create; the transports create on the sending side, so the sender copies
+// into its own memory and the receiver out of the mapped slot, both device to device on the caller's stream. The
+// flag words stay in the page-locked shared header: a stream wait on a flag orders the copies across processes
+// with no host synchronisation and is capturable. IPC events are not used for the ordering: cudaStreamWaitEvent
+// on an IPC event waits for the record the host has issued last, so without a host handshake per message it can
+// pass before the peer's record of that message; the flags carry the per-message ordering instead. Device only
+// (device >= 0); the two sides must be different processes. Teardown follows Note [ipc teardown]
+// (channel_header.h): the creator frees its slots only once the opener has closed its mapping (or exited), so the
+// opener should close its ipc channels before the creator closes its side.
 #pragma once
 
 #include <atomic>
@@ -45,6 +59,7 @@
 #include <utility>
 #include <vector>
 
+#include "device_slots.h"
 #include "shm_region.h"
 #include "streams.h"
 
@@ -55,7 +70,10 @@ struct Part {
   std::size_t nbytes;
 };
 
-struct ChannelHeader;  // in shared memory; defined in shm_channel.cpp
+struct ChannelHeader;  // in shared memory; defined in channel_header.h
+
+// Where a channel's two slots live: in the shared region (shm) or in the creator's device memory (ipc).
+enum class SlotStorage : std::uint32_t { kHost = 1, kDevice = 2 };
 
 class ShmChannel {
  public:
@@ -68,8 +86,9 @@ class ShmChannel {
   // rendezvous): a peer that exits before the channel is set up ends the set-up waits at once.
   // Set-up failures throw naming the channel, the peer rank and "set-up".
   ShmChannel(const std::string& name, std::size_t capacity, bool create, int device, int peer,
-             double timeout_s = kDefaultTimeoutS, int peer_pid = 0);
-  ~ShmChannel();
+             double timeout_s = kDefaultTimeoutS, int peer_pid = 0)
+      : ShmChannel(SlotStorage::kHost, name, capacity, create, device, peer, timeout_s, peer_pid) {}
+  virtual ~ShmChannel();
   ShmChannel(const ShmChannel&) = delete;
   ShmChannel& operator=(const ShmChannel&) = delete;
 
@@ -88,6 +107,10 @@ class ShmChannel {
   // receiver has opened it, since the receiver still has to read the messages in it. True on the opener side,
   // on a closed channel, and on the creator side once the opener has mapped the region (thread-safe read).
   bool peer_opened() const;
+  // True once the opener no longer needs what this creator owns: shm, once it mapped the region (its mapping
+  // keeps the memory); ipc, once it closed its mapping of the device slots (Note [ipc teardown]). True on the
+  // opener side and on a closed channel. Thread-safe read.
+  bool peer_released() const;
   // Waits up to timeout_s for peer_opened(); false at the timeout, or at once when the channel failed or the
   // peer exited. Never throws.
   bool wait_peer_opened(double timeout_s);
@@ -114,6 +137,11 @@ class ShmChannel {
   bool closed() const { return header_ == nullptr; }
   // Bytes the packed parts need in one slot (alignment included).
   static std::size_t packed_size(const std::vector<Part>& parts);
+  SlotStorage storage() const { return storage_; }
+
+ protected:
+  ShmChannel(SlotStorage storage, const std::string& name, std::size_t capacity, bool create, int device, int peer,
+             double timeout_s, int peer_pid);
 
  private:
   enum class Role { kNone, kSender, kReceiver };
@@ -140,10 +168,20 @@ class ShmChannel {
   void mark_failed(const std::string& reason);
   void release_gpu(double grace_s);
   void record_done(std::uint64_t seq, StreamHandle stream);
+  const char* kind() const { return storage_ == SlotStorage::kHost ? "shm" : "ipc"; }
+  // GPU: page-locks the region and finds the flag words' device addresses (stream memory operations).
+  void setup_gpu_flags();
+  // Device storage: export (creator) or import (opener) the slots; set-up of a device channel.
+  void setup_device_slots(const std::string& who);
+  // Device storage at close: Note [ipc teardown]. Never throws.
+  void release_device_slots() noexcept;
 
   std::string name_;
   std::size_t capacity_ = 0;
   std::size_t slot_stride_ = 0;
+  SlotStorage storage_ = SlotStorage::kHost;
+  std::uint8_t* slots_ = nullptr;  // both slots: in the region (shm) or in device memory (ipc)
+  DeviceSlots device_slots_;
   int device_ = -1;
   int peer_ = -1;
   int known_peer_pid_ = 0;
@@ -164,6 +202,14 @@ class ShmChannel {
   std::deque<std::pair<std::uint64_t, std::unique_ptr<Event>>> pending_;
   std::vector<std::unique_ptr<Event>> spare_events_;
   static constexpr std::size_t kMaxPending = 32;
+};
+
+// Note [ipc channel]: the ShmChannel interface with its slots in device memory shared through CUDA IPC.
+class IpcChannel : public ShmChannel {
+ public:
+  IpcChannel(const std::string& name, std::size_t capacity, bool create, int device, int peer,
+             double timeout_s = kDefaultTimeoutS, int peer_pid = 0)
+      : ShmChannel(SlotStorage::kDevice, name, capacity, create, device, peer, timeout_s, peer_pid) {}
 };
 
 }  // namespace asyncdiff_rt

@@ -56,7 +56,7 @@ py::dict build_info_dict() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "asyncdiff_rt native runtime (shm and NCCL transports, streams); see csrc/";
+  m.doc() = "asyncdiff_rt native runtime (shm, ipc and NCCL transports, streams); see csrc/";
 
   m.def("version", &version, "Version of the native library.");
   m.def("build_info", &build_info_dict,
@@ -96,6 +96,9 @@ PYBIND11_MODULE(_C, m) {
            py::call_guard<py::gil_scoped_release>(),
            "Wait until the receiver mapped this creator's region; False at the timeout, a failure or a dead peer.")
       .def_property_readonly("peer_opened", &ShmChannel::peer_opened)
+      .def_property_readonly("peer_released", &ShmChannel::peer_released,
+                             "Creator side: the opener no longer needs this side's memory (shm: it mapped the "
+                             "region; ipc: it closed its mapping of the device slots). True on the opener side.")
       .def("peer_problem", &ShmChannel::peer_problem, py::call_guard<py::gil_scoped_release>(),
            "'' while the peer lives and the channel is healthy, else what happened (thread-safe).")
       .def("completed", &ShmChannel::completed, py::arg("seq"),
@@ -115,6 +118,14 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("parts"), "Bytes the parts take in one slot (each part 256-byte aligned).")
       .def_readonly_static("PART_ALIGNMENT", &ShmChannel::kPartAlignment);
+
+  py::class_<IpcChannel, ShmChannel>(m, "IpcChannel",
+                                     "ShmChannel whose slots are device memory shared through CUDA IPC (Note [ipc "
+                                     "channel] in csrc/shm_channel.h); device >= 0 on both sides.")
+      .def(py::init<const std::string&, std::size_t, bool, int, int, double, int>(), py::arg("name"),
+           py::arg("capacity"), py::arg("create"), py::arg("device"), py::arg("peer"),
+           py::arg("timeout_s") = ShmChannel::kDefaultTimeoutS, py::arg("peer_pid") = 0,
+           py::call_guard<py::gil_scoped_release>());
 
   m.def("process_alive", &process_alive, py::arg("pid"),
         "False once the process exited (a zombie counts as exited); True for pid <= 0 (unknown).");

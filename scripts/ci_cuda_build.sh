@@ -40,5 +40,11 @@ except RuntimeError as err:
         print(f"ShmChannel(device=0) raised: {e}")
     else:
         raise SystemExit("ShmChannel on device 0 did not raise without a GPU")
+    try:
+        C.IpcChannel("adrt_ci_probe_ipc", 4096, True, 0, 1, 1.0)
+    except RuntimeError as e:
+        print(f"IpcChannel(device=0) raised: {e}")
+    else:
+        raise SystemExit("IpcChannel on device 0 did not raise without a GPU")
 print("ci_cuda_build: ok")
 PYEOF

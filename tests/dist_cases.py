@@ -3,9 +3,11 @@
 A case is a dict: kind ("toy" or a tiny pipeline kind), plan, stride, warm_up, time_shift, stride_eps, steps,
 calls (pipeline calls in a row), and optionally "rank_plans" (a plan per rank, to provoke disagreement),
 "model_n" without a plan, "rank_seed" (a different generator seed per rank), "callback" ("drop_cfg" turns CFG off
-mid-run), "call" (extra pipeline kwargs), "no_generator". Every rank returns, per case, a dict with "status"
-("ok" or "error"), "error" (type and message), "outputs" (the pipeline's first output per call), and
-"param_bytes"/"expected_bytes" (the denoiser bytes this rank holds, and own blocks + replicated counted apart).
+mid-run), "delay_rank" ((rank, seconds): that rank's host sleeps after step 2, its peers wait for it), "call"
+(extra pipeline kwargs), "no_generator". Every rank returns, per case, a dict with "status" ("ok" or "error"),
+"error" (type and message), "transport" (the one it ran on), "captures" (CUDA graphs captured), "outputs" (the
+pipeline's first output per call), and "param_bytes"/"expected_bytes" (the denoiser bytes this rank holds, and own
+blocks + replicated counted apart).
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def pipeline_kwargs(case: dict, rank: int = 0) -> dict:
             return callback_kwargs
 
         kwargs["callback_on_step_end"] = die
+    if case.get("delay_rank") is not None and case["delay_rank"][0] == rank:
+        delay_s = case["delay_rank"][1]
+
+        def delay(pipe, i, t, callback_kwargs):
+            if i == 2:
+                time.sleep(delay_s)
+            return callback_kwargs
+
+        kwargs["callback_on_step_end"] = delay
     if case.get("callback") == "drop_cfg":
 
         def drop_cfg(pipe, i, t, callback_kwargs):
@@ -142,8 +153,10 @@ def run_cases(rank: int, world: int, cases: list[dict]):
                 pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
             if case.get("timeline"):
                 ad.record_timeline()
+            result["transport"] = ad.transport_name
             t_calls = time.monotonic()
             outputs = [call(case, pipe, rank) for _ in range(case.get("calls", 1))]
+            result["captures"] = ad.captures
             if case.get("timeline"):
                 result["timeline"] = ad.gather_timeline()
             outputs = [x.cpu() for x in outputs]

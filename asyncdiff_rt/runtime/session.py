@@ -19,6 +19,7 @@ import torch
 from ..errors import ConfigError
 from ..transport import ensure_process_group, make_transport
 from ..transport import resolve as resolve_transport
+from ..transport.select import choose_auto
 from .hooks import CallHook
 
 __all__ = ["Session", "dist_ready"]
@@ -55,6 +56,7 @@ class Session:
         self.pipe, self.device, self.timeout_s = pipe, device, timeout_s
         self.cfg_parallel = cfg_parallel
         self.transport_name = resolve_transport(transport, device)
+        self.requested_transport = transport
         self.partner: int | None = None  # CFG parallel: the global rank computing the other guidance half
         self.half = 0
         self.world = None  # every rank of the group (CFG parallel: both halves); `transport` is this half's
@@ -76,7 +78,8 @@ class Session:
         every segment (`local` segments), the halves joined rank to rank by `partner`."""
         local = self.transport_name == "local"
         cross = resolve_transport("auto", self.device) if local else self.transport_name
-        ensure_process_group(self.device, timeout_s, cross)
+        auto = local or self.requested_transport == "auto"  # the transport between processes is auto's choice
+        ensure_process_group(self.device, timeout_s, "auto" if auto else cross)
         import torch.distributed as dist
 
         world = dist.get_world_size(group)
@@ -91,6 +94,11 @@ class Session:
                 f"group has {world}: launch with `torchrun --nproc_per_node={needed}`, pass group= with {needed} "
                 "ranks, or use transport='local'"
             )
+        if auto and self.device.type == "cuda":
+            cross, why = choose_auto(self.device, group, timeout_s, fallback=cross)
+            log.info("asyncdiff_rt: transport='auto' between processes: %s (%s)", cross, why)
+            if not local:
+                self.transport_name = cross
         if not self.cfg_parallel:
             self.transport = self.world = make_transport(self.transport_name, self.device, group, timeout_s)
             self.rank, self.world_size = self.transport.rank, self.transport.world_size

@@ -17,7 +17,7 @@ def _add_async_args(p: argparse.ArgumentParser, model_n: int = 2, warm_up: int =
     p.add_argument("--model_n", type=int, default=model_n, help="segments (GPUs)")
     p.add_argument("--stride", type=int, default=1, choices=(1, 2))
     p.add_argument("--warm_up", type=int, default=warm_up, help="exact steps before the asynchronous ones")
-    p.add_argument("--transport", default="auto", choices=("auto", "nccl", "shm", "gloo", "local"))
+    p.add_argument("--transport", default="auto", choices=("auto", "nccl", "ipc", "shm", "gloo", "local"))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -49,9 +49,9 @@ class DemoConfig:
             raise ConfigError(f"--steps must be 1 or more, got {self.steps}")
         if self.warm_up < 1:
             raise ConfigError(f"--warm_up must be 1 or more (exact steps first), got {self.warm_up}")
-        if self.transport == "nccl" and not torch.cuda.is_available():
+        if self.transport in ("nccl", "ipc") and not torch.cuda.is_available():
             raise ConfigError(
-                "--transport nccl needs CUDA GPUs and none is visible; on a CPU use gloo, shm or local "
+                f"--transport {self.transport} needs CUDA GPUs and none is visible; on a CPU use gloo, shm or local "
                 "(or auto, which picks gloo); see docs/transports.md"
             )
 

@@ -1,4 +1,4 @@
-"""The one interface every transport implements (DESIGN §1): nccl, shm, gloo, local.
+"""The one interface every transport implements (DESIGN §1): nccl, ipc, shm, gloo, local.
 
 Ordering contract (see also runtime.py, "Note [step ordering]"): messages are matched per directed peer pair,
 in call order: the i-th list rank a sends to rank b in an `exchange` meets the i-th list b receives from a. Calls

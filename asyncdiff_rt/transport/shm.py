@@ -9,9 +9,9 @@ sides take the same decision because they see the same sizes in the same order (
 Note [shm generations]: the sender may run ahead of its receiver by several generations (on CPU a send only
 waits for a free slot, and a new generation has free slots), while the receiver still has to open the older
 ones and read the messages in them. So a sender never unlinks a generation its receiver has not opened: it
-keeps the old channel (retired) until `peer_opened`, and `close` waits (with the timeout) for the receiver to
-open what is left, unless the transport failed. On every failure path (`abort`, set-up errors, close, exit)
-this rank's regions are unlinked, so nothing is left in /dev/shm.
+keeps the old channel (retired) until `peer_released` (shm: the receiver mapped it), and `close` waits (with the
+timeout) for the receiver to open what is left, unless the transport failed. On every failure path (`abort`,
+set-up errors, close, exit) this rank's regions are unlinked, so nothing is left in /dev/shm.
 
 On CPU the calls are blocking memcpys. On a GPU they are enqueued on a high-priority communication stream of
 this transport, ordered after the caller's current stream and before the caller's later work (Note [stream
@@ -89,7 +89,8 @@ class _Watchdog(WatchdogThread):
     """Note [shm watchdog]."""
 
     def __init__(self, owner: ShmTransport, poll_s: float = 0.02):
-        super().__init__(owner, "shm", poll_s)
+        super().__init__(owner, owner.name, poll_s)
+        self._kind = owner.name
 
     @staticmethod
     def _done(ops: list[tuple[Any, int]]) -> bool:
@@ -112,8 +113,8 @@ class _Watchdog(WatchdogThread):
             if problem:
                 if self.error is None:
                     self.error = (
-                        f"shm transport on rank {owner.rank}: step {step}: {problem}; the watchdog released this "
-                        "rank's streams, so the data of this step and later ones is invalid"
+                        f"{self._kind} transport on rank {owner.rank}: step {step}: {problem}; the watchdog released "
+                        "this rank's streams, so the data of this step and later ones is invalid"
                     )
                 self._release(owner)
             del owner
@@ -133,15 +134,20 @@ class _Watchdog(WatchdogThread):
 
 class ShmTransport(StreamTransport):
     name = "shm"
+    _channel_type = "ShmChannel"  # the native class of its channels (ipc.py: IpcChannel)
 
     def _setup(self) -> None:
         self._cuda = self.device.type == "cuda"
         hosts = [host for host, _ in self._where]
         if len(set(hosts)) != 1:
-            raise TransportError(f"the shm transport needs every rank on one host; ranks run on {hosts}")
+            raise TransportError(
+                f"the {self.name} transport needs every rank on one host; ranks run on {hosts}: use transport='nccl'"
+            )
         self._peer_pids = [pid for _, pid in self._where]
         self._prefix = self._rdv.from_rank0(
-            "prefix", lambda: f"adrt{os.getpid()}_{secrets.token_hex(4)}".encode(), "the shm name prefix (set-up)"
+            "prefix",
+            lambda: f"adrt{os.getpid()}_{secrets.token_hex(4)}".encode(),
+            f"the {self.name} name prefix (set-up)",
         ).decode()
         self._send: dict[int, _Link] = {}
         self._recv: dict[int, _Link] = {}
@@ -162,7 +168,7 @@ class ShmTransport(StreamTransport):
     # -- channels -----------------------------------------------------------------------------------------------
     def _link(self, peer: int, sending: bool, nbytes: int) -> _Link:
         if not 0 <= peer < self.world_size or peer == self.rank:
-            raise ValueError(f"rank {self.rank}: invalid shm peer {peer} (world size {self.world_size})")
+            raise ValueError(f"rank {self.rank}: invalid {self.name} peer {peer} (world size {self.world_size})")
         table = self._send if sending else self._recv
         link = table.setdefault(peer, _Link())
         if link.retired and not (self._cuda and torch.cuda.is_current_stream_capturing()):
@@ -179,7 +185,7 @@ class ShmTransport(StreamTransport):
                 raise self._fail(f"set-up of channel {name}", peer, link.seq, err) from err
         index = self.device.index if self._cuda else -1
         try:
-            channel = self._C.ShmChannel(
+            channel = getattr(self._C, self._channel_type)(
                 name, _round_capacity(nbytes), sending, index, peer, self.timeout_s, self._peer_pids[peer]
             )
         except RuntimeError as err:
@@ -188,18 +194,23 @@ class ShmTransport(StreamTransport):
             raise self._fail(what, peer, link.seq + 1, err) from err
         with self._channels_lock:
             old, link.channel = link.channel, channel
-            if old is not None and sending and not old.peer_opened:
-                link.retired.append(old)  # Note [shm generations]
-            elif old is not None:
-                old.close()
+            if old is not None:
+                self._retire(link, old, sending)
         return link
+
+    def _retire(self, link: _Link, old: Any, sending: bool) -> None:
+        """A channel replaced by a new generation (under the channels lock)."""
+        if sending and not old.peer_released:
+            link.retired.append(old)  # Note [shm generations]
+        else:
+            old.close()
 
     def _prune(self, link: _Link) -> None:
         """Close the retired generations the receiver has opened (or that failed)."""
         with self._channels_lock:
             keep = []
             for c in link.retired:
-                if c.peer_opened or c.failed:
+                if c.peer_released or c.failed:
                     c.close()
                 else:
                     keep.append(c)
@@ -214,7 +225,7 @@ class ShmTransport(StreamTransport):
     def _check(self, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
             if t.device.type != self.device.type or (self._cuda and t.device != self.device):
-                raise ValueError(f"shm transport on {self.device} got a tensor on {t.device}")
+                raise ValueError(f"{self.name} transport on {self.device} got a tensor on {t.device}")
 
     def prepare(self, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]]) -> None:
         # Send channels first: opening a receive channel waits for its creator, who creates its sends first.
@@ -235,8 +246,8 @@ class ShmTransport(StreamTransport):
         if self._watchdog_error() is not None:
             return TransportError(f"{self._watchdog_error()} ({what} with peer rank {peer}: {err})")
         return TransportError(
-            f"shm {what} at step {step} between rank {self.rank} and peer rank {peer} failed: {err}; "
-            "this rank's shm regions were unlinked"
+            f"{self.name} {what} at step {step} between rank {self.rank} and peer rank {peer} failed: {err}; "
+            f"this rank's {self.name} regions were unlinked"
         )
 
     def _issue(self, what: str, step: int, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]]):
@@ -337,7 +348,7 @@ class ShmTransport(StreamTransport):
         else:
             for channel in self._channels():
                 if channel.failed:
-                    raise TransportError(f"shm channel {channel.name} with peer rank {channel.peer} failed")
+                    raise TransportError(f"{self.name} channel {channel.name} with peer rank {channel.peer} failed")
 
     def abort(self, reason: str = "aborted") -> None:
         """Mark every channel failed (peers' waits raise at once), release this rank's blocked streams and
@@ -351,7 +362,9 @@ class ShmTransport(StreamTransport):
         _open_transports.discard(self)
         failed = self._failed or self._watchdog_error() is not None
         deadline = time.monotonic() + self.timeout_s
-        for link in itertools.chain(self._send.values(), self._recv.values()):
+        # Receives first: an ipc sender frees its device slots only once the receiver closed its mapping of them
+        # (Note [ipc teardown] in csrc/channel_header.h), so every rank closes what it maps before what it exports.
+        for link in itertools.chain(self._recv.values(), self._send.values()):
             for channel in link.retired + ([link.channel] if link.channel is not None else []):
                 if not failed and not channel.wait_peer_opened(max(0.0, deadline - time.monotonic())):
                     failed = True  # Note [shm generations]: the receiver never came; stop waiting for the others

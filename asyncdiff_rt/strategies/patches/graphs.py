@@ -54,7 +54,7 @@ __all__ = ["PatchGraphs", "tensor_timestep"]
 
 log = logging.getLogger("asyncdiff_rt")
 
-CAPTURABLE_TRANSPORTS = ("shm", "nccl")  # stream-ordered ops that may be captured into a CUDA graph
+CAPTURABLE_TRANSPORTS = ("shm", "ipc", "nccl")  # stream-ordered ops that may be captured into a CUDA graph
 
 
 def tensor_timestep(t: Any, device: torch.device) -> Any:

@@ -57,7 +57,7 @@ class PatchParallel:
         warm_up: exact steps before the stale ones (>= 1; >= the step count runs the whole loop exactly).
         sync_mode: how GroupNorm, halos and K/V follow after warm-up, one of `SYNC_MODES` (DESIGN §10).
         cfg_parallel: split the guidance batch over two halves of the ranks (world = 2P).
-        transport: "auto", "gloo", "shm" or "nccl"; group: a torch.distributed sub-group to run in.
+        transport: "auto", "gloo", "shm", "ipc" or "nccl"; group: a torch.distributed sub-group to run in.
         timeout_s: every wait on a peer raises TransportError after this many seconds.
         graphs: replay the steady-state forwards (k >= warm_up) from CUDA graphs (None: on CUDA; False: eager;
             a failed capture is logged and runs eagerly; graphs.py, Note [patch graphs]). `captures` counts them.
@@ -96,7 +96,7 @@ class PatchParallel:
         if transport == "local":
             raise ConfigError(
                 "PatchParallel runs one process per patch; transport='local' is not supported: launch with "
-                "`torchrun --nproc_per_node=P` and use 'auto', 'gloo', 'shm' or 'nccl'"
+                "`torchrun --nproc_per_node=P` and use 'auto', 'gloo', 'shm', 'ipc' or 'nccl'"
             )
         if patches is not None and (not isinstance(patches, int) or isinstance(patches, bool) or patches < 1):
             raise ConfigError(f"patches must be an integer >= 1, got {patches!r}")

@@ -59,7 +59,7 @@ class AsyncDiff:
         warm_up: exact steps before the asynchronous ones (>= 1; >= the step count runs exactly).
         time_shift: compute step k with τ[k-1] (the reference's option).
         plan: explicit partition (list of segments of module names, a saved plan file, or a Plan); default: planned.
-        transport: "auto", "nccl", "shm", "gloo" or "local" (one process runs every segment).
+        transport: "auto", "nccl", "ipc", "shm", "gloo" or "local" (one process runs every segment).
         group: a torch.distributed sub-group to run in (e.g. 8 GPUs as 2 x model_n=4).
         stride_eps: stride 2 only: "reuse" (ε_{k+1} = ε_k, as the reference) or "fresh".
         timeout_s: every wait on a peer raises after this many seconds.
