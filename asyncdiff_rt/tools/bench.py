@@ -281,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--emulate", type=int, default=None, choices=(2, 3, 4), help="N GPUs emulated on one under MPS")
     p.add_argument("--emulate_timeout", type=float, default=300.0, help="seconds per emulated variant")
     p.add_argument("--strategy", choices=("segments", "patch"), default="segments", help="with --emulate")
+    p.add_argument(
+        "--transport",
+        default="ipc",
+        help="with --emulate: the multi-process variants' transport (ipc: device memory, shm: through host memory); "
+        "a comma list runs the segments variants once per transport (ipc,shm: both side by side)",
+    )
+    p.add_argument("--only", default=None, help="with --emulate: a comma list of variant names to run")
     p.add_argument("--size", type=int, default=None, help="--strategy patch: height and width in pixels")
     p.add_argument("--warm_up", type=int, default=5, help="--strategy patch: PatchParallel's warm_up")
     p.add_argument("--compare", action="store_true", help="--strategy patch: also the segments and CFG variants")
@@ -408,17 +415,22 @@ def _emulate(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from .mps import MpsError
 
     # a tiny kind is checked in the first child (importing the tiny pipelines here could start CUDA here)
+    transports = tuple(t for t in args.transport.split(",") if t)
+    bad = [t for t in transports if t not in ("ipc", "shm", "nccl", "gloo")]
+    if bad or not transports:
+        p.error(f"--transport {args.transport!r}: a comma list of ipc, shm (nccl, gloo: not on one GPU)")
+    only = [v for v in args.only.split(",") if v] if args.only else None
     try:
         if args.strategy == "patch":
             from .emulate_patch import run_patch_emulation
 
             size = args.size or _size(args.model)
             run_patch_emulation(args.model, args.emulate, size, args.steps, 1 if args.runs is None else args.runs,
-                                args.out, timeout_s=args.emulate_timeout, compare=args.compare,
-                                warm_up=args.warm_up, force=args.force)  # fmt: skip
+                                args.out, timeout_s=args.emulate_timeout, compare=args.compare, only=only,
+                                warm_up=args.warm_up, force=args.force, transport=transports[0])  # fmt: skip
             return 0
         run_emulation(args.model, args.emulate, args.steps, 3 if args.runs is None else args.runs, args.out,
-                      timeout_s=args.emulate_timeout)  # fmt: skip
+                      timeout_s=args.emulate_timeout, only=only, transports=transports)  # fmt: skip
     except MpsError as err:
         raise SystemExit(f"bench --emulate: {err}") from err
     return 0

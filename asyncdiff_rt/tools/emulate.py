@@ -2,11 +2,12 @@
 
 An MPS daemon of our own runs for the whole invocation (tools/mps.py); every GPU process is a child started after it
 with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100/N, so N processes side by side behave like N GPUs of 1/N of the SMs
-sharing one HBM, joined by the `shm` transport (through host memory). This process never initialises CUDA. Variants
-(`variants_for`): `one` (ours_n1 alone), `control` (N ours_n1 side by side: what the sharing itself costs), the
-segments variants over shm and, where N fits and the model runs CFG, CFG parallelism (FLUX.1 is guidance-distilled:
-its CFG variants are skipped with a note). benchmarks/README.md ("emulated") says what this models and what it does
-not, and what it costs in memory; the report is emulate_report.py's.
+sharing one HBM, joined by the transport of the run (`ipc`: device memory; `shm`: through host memory). This
+process never initialises CUDA. Variants (`variants_for`): `one` (ours_n1 alone), `control` (N ours_n1 side by
+side: what the sharing itself costs), the segments variants and, where N fits and the model runs CFG, CFG
+parallelism (FLUX.1 is guidance-distilled: its CFG variants are skipped with a note). benchmarks/README.md
+("emulated") says what this models and what it does not, and what it costs in memory; the report is
+emulate_report.py's.
 """
 
 from __future__ import annotations
@@ -67,6 +68,18 @@ def cfg_skipped(model: str, n: int) -> dict[str, str]:
         for s in variants_for(n)
         if s["cfg_parallel"]
     }
+
+
+def over_transports(specs: list[dict[str, Any]], transports: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each multi-process variant once per transport: over the first under its own name, over the others as
+    `<name>_<transport>`, right after it (so a table compares them side by side)."""
+    out = []
+    for spec in specs:
+        out.append({**spec, "transport": transports[0]})
+        if not spec["independent"]:
+            out += [{**spec, "name": f"{spec['name']}_{t}", "what": f"{spec['what']}, over {t}", "transport": t}
+                    for t in transports[1:]]  # fmt: skip
+    return out
 
 
 def result_stem(out: str, model: str, device: str) -> str:
@@ -248,17 +261,20 @@ def run_emulation(
     device: str = "cuda",
     daemon: Any = None,
     only: list[str] | None = None,
+    transports: tuple[str, ...] = ("shm",),
 ) -> dict[str, Any]:
     """Measure every variant of `variants_for(n)` (or those named in `only`) and write
     `<out>/emulated_<model>_<device>.{json,md}`; the `n` entry of an existing file is replaced. `device="cpu"`
-    (tests) runs the same orchestration on CPU processes; `daemon` is an MpsDaemon (or a stand-in)."""
+    (tests) runs the same orchestration on CPU processes; `daemon` is an MpsDaemon (or a stand-in). The
+    multi-process variants exchange over `transports[0]`, and run again over each further one (named `_<kind>`)."""
     skipped = {k: v for k, v in cfg_skipped(model, n).items() if only is None or k in only}
-    specs = [s for s in variants_for(n, cfg=not skipped) if only is None or s["name"] in only]
+    specs = over_transports(variants_for(n, cfg=not skipped), transports)
+    specs = [s for s in specs if only is None or s["name"] in only]
     if device == "cuda" and torch.cuda.is_initialized():
         raise RuntimeError("run_emulation must run in a process that has not initialised CUDA (MPS clients only)")
     daemon = MpsDaemon() if daemon is None else daemon
     pct = percentage(n)
-    base = dict(model=model, steps=steps, runs=runs, device=device, transport="shm", timeout_s=timeout_s)
+    base = dict(model=model, steps=steps, runs=runs, device=device, timeout_s=timeout_s)
     with daemon:
         env = daemon.client_env(n) if device == "cuda" else {}
         print(f"emulate {n}: MPS daemon up (pipe {getattr(daemon, 'pipe_dir', '-')}), {pct} % of the SMs per process",
@@ -269,10 +285,11 @@ def run_emulation(
         os.makedirs(out, exist_ok=True)
         stem = result_stem(out, model, info["device"])
         data = _load(stem + ".json")
-        data["meta"] = {"model": model, **info, "transport": "shm"}
+        data["meta"] = {"model": model, **info, "transport": transports[0]}
         entry = {
             "n": n,
             "percent": pct,
+            "transport": transports[0],
             "steps": steps,
             "runs": runs,
             "date": datetime.date.today().isoformat(),

@@ -233,6 +233,7 @@ def run_patch_emulation(
     compare: bool = False,
     warm_up: int = DEFAULT_WARM_UP,
     force: bool = False,
+    transport: str = "shm",
 ) -> dict[str, Any]:
     """Measure `patch_variants(n, warm_up, compare)` (or those named in `only`) at `size` px and write the
     table; variants of a previous run with the same settings are kept unless `force`. `device="cpu"` (tests)
@@ -242,7 +243,7 @@ def run_patch_emulation(
         raise RuntimeError("run_patch_emulation must run in a process that has not initialised CUDA (MPS clients)")
     daemon = MpsDaemon() if daemon is None else daemon
     pct = percentage(n)
-    base = dict(model=model, steps=steps, runs=runs, device=device, transport="shm", timeout_s=timeout_s, size=size)
+    base = dict(model=model, steps=steps, runs=runs, device=device, transport=transport, timeout_s=timeout_s, size=size)
     with daemon:
         env = daemon.client_env(n) if device == "cuda" else {}
         print(f"emulate patch {n}: MPS daemon up, {pct} % of the SMs per process, {len(specs)} variants at {size} px, "
@@ -251,7 +252,7 @@ def run_patch_emulation(
         os.makedirs(out, exist_ok=True)
         stem = patch_stem(out, model, size, info["device"])
         data = _load(stem + ".json")
-        data["meta"] = {"model": model, "size": size, **info, "transport": "shm"}
+        data["meta"] = {"model": model, "size": size, **info, "transport": transport}
         settings = {"n": n, "percent": pct, "steps": steps, "runs": runs, "warm_up": warm_up, "size": size}
         old = data["emulations"].get(str(n), {})
         keep = {} if force or any(old.get(k) != v for k, v in settings.items()) else old.get("variants", {})

@@ -110,8 +110,9 @@ def _header(meta: dict[str, Any], e: dict[str, Any]) -> list[str]:
         "",
         f"torch {meta['torch']}, diffusers {meta['diffusers']}, {e['date']}. {K} steps (fewer than a real run's 50, "
         f"to fit the device budget), PatchParallel warm_up={e['warm_up']}; loop median of {e['runs']} timed run(s) "
-        "after one shorter untimed call (graph capture). Multi-process variants exchange over `shm` (through host "
-        "memory). vs one / vs control: loop speed-up over `one` / over the control mean. step: mean wall time of the "
+        "after one shorter untimed call (graph capture). Multi-process variants exchange over "
+        f"`{meta.get('transport', 'shm')}`. vs one / vs control: loop speed-up over `one` / over the control mean. "
+        "step: mean wall time of the "
         "steps after the warm-up (CUDA events on rank 0); step vs control: the same ratio per step (what 50 steps "
         "approach). sent/step: bytes the busiest rank sends per steady step (halo / K,V / GN moments / ε rows, MB); "
         "vs DistriFusion: over what distrifuser's all-gather sends per rank and step (both boundaries of every 3x3 "

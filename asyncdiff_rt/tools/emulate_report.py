@@ -76,6 +76,9 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+_HOW = {"shm": "through host memory", "ipc": "device memory shared through CUDA IPC", "nccl": "NCCL"}
+
+
 def _x(v: float | None, fmt: str = "{:.2f}x") -> str:
     return "–" if v is None else fmt.format(v)
 
@@ -94,13 +97,15 @@ def markdown(data: dict[str, Any]) -> str:
         n, pct, K = e["n"], e["percent"], e["steps"]
         size = f" at {e['size']} px" if e.get("size") else ""
         size += f", {e['dtype']}" if e.get("dtype") else ""
+        kind = e.get("transport") or meta.get("transport", "shm")  # entries older than the ipc transport: shm
         lines += [
             f"# {meta['model']}{size}, {K} steps — emulated: {n} processes on one GPU under MPS at {pct} % of the SMs "
             f"each ({meta['device']})",
             "",
             f"torch {meta['torch']}, diffusers {meta['diffusers']}, {e['date']}. Loop median of {e['runs']} runs of "
-            f"{K} steps after one untimed warm-up call; multi-process variants exchange over `shm` (through host "
-            "memory). vs one / vs control: speed-up over `one` / over the control mean. s: the plan's split quality "
+            f"{K} steps after one untimed warm-up call; multi-process variants exchange over "
+            f"`{kind}` ({_HOW.get(kind, kind)}; a `_<kind>` suffix: over that transport instead). vs one / vs "
+            "control: speed-up over `one` / over the control mean. s: the plan's split quality "
             "(sum / max of segment costs). ideal: K / (W + (K - W) / (stride s)), x2 with cfg_parallel. efficiency: "
             "vs control / ideal. Per round (one step at stride 1, two at stride 2), from one recorded call: "
             "wall / compute / exposed exchange / ε / host gaps, in ms.",
