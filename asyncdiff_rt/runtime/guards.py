@@ -22,6 +22,16 @@ from ..models.denoiser import TimestepArg
 __all__ = ["LoopGuard", "digest"]
 
 
+def _close(passed: float, expected: float, dtype: torch.dtype | None) -> bool:
+    """`passed` is τ as the pipeline hands it over: cast to the timestep tensor's dtype (FLUX: bfloat16, whose
+    rounding near 1 is 0.4 %), so compare with `expected` cast the same way, within one step of that dtype."""
+    tol = 1e-3
+    if dtype is not None and dtype.is_floating_point:
+        expected = torch.tensor(expected, dtype=torch.float64).to(dtype).item()
+        tol = max(tol, torch.finfo(dtype).eps)
+    return abs(passed - expected) <= tol * max(1.0, abs(expected))
+
+
 def digest(t: torch.Tensor) -> str:
     return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -48,7 +58,8 @@ class LoopGuard:
         self.tau_host, self.batch = tau_host, sample.shape[0]
         passed, first = TimestepArg.value(bound), tau_host[0]
         expected = first / self.divisor
-        if abs(passed - expected) > 1e-3 * max(1.0, abs(expected)):
+        t = bound.arguments["timestep"]
+        if not _close(passed, expected, t.dtype if isinstance(t, torch.Tensor) else None):
             raise DenoiserError(
                 f"the pipeline passed timestep {passed:g} to the denoiser for the scheduler's τ[0] = {first:g}, not "
                 f"{expected:g} (τ / {self.divisor:g}, as its model adapter says): this pipeline transforms the "
@@ -101,7 +112,7 @@ class LoopGuard:
         if isinstance(t, torch.Tensor) and t.device.type != "cpu":
             self._passed.append((k, t.detach().reshape(-1)[0]))  # Note [no host sync]
         else:
-            self._check_timestep(k, TimestepArg.value(bound))
+            self._check_timestep(k, TimestepArg.value(bound), t.dtype if isinstance(t, torch.Tensor) else None)
         if sample.shape[0] != self.batch:
             raise ConfigError(
                 f"step {k}: the batch changed from {self.batch} to {sample.shape[0]} mid-run (a callback that turns "
@@ -112,9 +123,9 @@ class LoopGuard:
             if len(set(digests)) > 1:
                 raise RuntimeError(f"debug: latents differ across ranks at step {k}: {digests}")
 
-    def _check_timestep(self, k: int, passed: float) -> None:
+    def _check_timestep(self, k: int, passed: float, dtype: torch.dtype | None = None) -> None:
         expected = self.tau_host[k] / self.divisor
-        if abs(passed - expected) > 1e-3 * max(1.0, abs(expected)):
+        if not _close(passed, expected, dtype):
             raise DenoiserError(
                 f"step {k}: the denoiser got timestep {passed:g} but the scheduler's τ[{k}] is {expected:g}; the "
                 "pipeline calls the denoiser more than once per step or not in timestep order (e.g. Heun/DPM2 "
@@ -126,5 +137,5 @@ class LoopGuard:
         passed, self._passed = self._passed, []
         if passed:
             values = torch.stack([t.float() for _, t in passed]).cpu().tolist()
-            for (k, _), value in zip(passed, values):
-                self._check_timestep(k, value)
+            for (k, t), value in zip(passed, values):
+                self._check_timestep(k, value, t.dtype)
