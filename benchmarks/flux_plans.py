@@ -125,12 +125,12 @@ def markdown(meta: dict, rows: list[dict], info: dict) -> str:
     nd, dms = _group_ms(info, "transformer_blocks.")
     ns_, sms = _group_ms(info, "single_transformer_blocks.")
     whole = info.get("denoiser_ms")
-    unit = "ms" if measured else "ms at a nominal rate"
+    tunit = "ms" if measured else "ms at a nominal rate"
     lines = [
         f"# {meta['model']} plans at {meta['size']} px, {meta['dtype']}, batch {info['batch']} — {meta['device']}",
         "",
         f"torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}. Block costs from {how}: "
-        f"{nd} double-stream blocks {dms:.3f} {unit} each (mean), {ns_} single-stream {sms:.3f}; sum of blocks "
+        f"{nd} double-stream blocks {dms:.3f} {tunit} each (mean), {ns_} single-stream {sms:.3f}; sum of blocks "
         f"{sum(info['block_ms'].values()):.2f}"
         + (f", whole transformer {whole:.2f} ms" if whole else "")
         + f". The same costs for every plan below. Weights: the model {info['model_gib'] * scale:.2f} {unit} = its "

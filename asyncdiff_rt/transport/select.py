@@ -4,7 +4,9 @@ CUDA IPC works between processes of one host whose GPUs are the same device (pro
 time-sliced) or have peer access. `ipc_refusal` says what this process lacks (a CUDA device, a CUDA build of the
 native extension); `ipc_problem` decides one rank's side from what every rank reported (pure: unit-tested on
 CPU); `agree_ipc` gathers the reports and then the verdicts through the store, so that every rank takes the same
-decision even where peer access is not symmetric; `choose_auto` is `auto`'s choice on CUDA.
+decision even where peer access is not symmetric; `choose_auto` is `auto`'s choice on CUDA: ipc where the ranks
+share one GPU (measured faster than shm there; nccl cannot run two ranks on one GPU), nccl between GPUs (ipc there
+is not measured against it yet).
 """
 
 from __future__ import annotations
@@ -112,10 +114,14 @@ def _can_access(a: int, b: int) -> bool:
 
 def agree_ipc(rdv: Any, rank: int, device: torch.device, phase: str) -> list[str]:
     """Every rank's verdict (`ipc_problem`), the same list on every rank; `rdv`: a StoreRendezvous of the ranks."""
+    return _reports_and_verdicts(rdv, rank, device, phase)[1]
+
+
+def _reports_and_verdicts(rdv: Any, rank: int, device: torch.device, phase: str) -> tuple[list[dict], list[str]]:
     reports = rdv.all_gather(rank_report(device), f"{phase} (devices)")
     visible = visible_gpus() if device.type == "cuda" else {}
     problem = ipc_problem(rank, reports, visible, _can_access)
-    return rdv.all_gather(problem, f"{phase} (verdicts)")
+    return reports, rdv.all_gather(problem, f"{phase} (verdicts)")
 
 
 def choose_auto(device: torch.device, group: Any, timeout_s: float, fallback: str) -> tuple[str, str]:
@@ -129,11 +135,15 @@ def choose_auto(device: torch.device, group: Any, timeout_s: float, fallback: st
         return fallback, "a world of one"
     store, rank, world = group_store(group, "auto")
     rdv = StoreRendezvous(store, rank, world, f"choice/{next(_rounds)}", timeout_s, alive=None)
-    verdicts = agree_ipc(rdv, rank, device, "the choice of transport='auto'")
+    reports, verdicts = _reports_and_verdicts(rdv, rank, device, "the choice of transport='auto'")
     bad = [v for v in verdicts if v]
     if bad:
         return fallback, bad[0]
-    return "ipc", "every rank on this host, on one GPU or GPUs with peer access"
+    if len({r["gpu"] for r in reports}) > 1:
+        # ipc works between GPUs with peer access (transport="ipc"), but only one shared GPU has been measured
+        # against the alternatives (benchmarks/results/emulated_*): between GPUs auto keeps NCCL until it is
+        return fallback, "the ranks are on several GPUs (ipc there is not measured against nccl yet)"
+    return "ipc", "every rank on this host, on one GPU (several processes sharing it)"
 
 
 def process_group_backend(device: torch.device, transport: str, env: dict[str, str] | None = None) -> str:
