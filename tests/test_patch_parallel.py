@@ -4,8 +4,8 @@ Float64 tiny pipelines (tests/patch_cases.py), one spawn per world size running 
 processes every sync mode equals the single-process definition, `asyncdiff_rt.simulate(strategy="patch")`, on
 SD 1.5 (128 px: 16 latent rows = 2 x 2^3) and SDXL (64 px: 8 = 2 x 2^2), while the stale modes are far from plain
 diffusers; `full_sync` and warm_up >= steps equal plain diffusers; P=3 (SDXL 96 px), shm, two calls in a row, a dead
-peer, cfg_parallel (4 processes: 2 patches x 2 guidance halves), and bad input refused alike on every rank (or
-before any communication, in this process).
+peer, cfg_parallel (4 processes: 2 patches x 2 guidance halves), SDXL + ControlNet (the ControlNet split into the
+same patches), and bad input refused alike on every rank (or before any communication, in this process).
 """
 
 from __future__ import annotations
@@ -26,12 +26,17 @@ TIGHT = 1e-8  # float64: runtime and simulator differ by summation order only (~
 FAR = 1e-3  # stale values move the latents far more than that
 STALE = ("corrected_async_gn", "stale_gn", "sync_gn", "separate_gn", "no_sync", "naive")
 SIZES = {"sd15": 128, "sdxl": 64}
+CONTROLNET_MODES = ("corrected_async_gn", "sync_gn", "full_sync")
 
 CASES_2 = {
     **{f"{k}_{m}": dict(kind=k, size=SIZES[k], sync_mode=m, steps=3, warm_up=1) for k in SIZES for m in SYNC_MODES},
     "sd15_exact_warm_up": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=3),
     "sd15_two_calls": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=1, calls=2),
     "sd15_shm": dict(kind="sd15", size=128, sync_mode="stale_gn", steps=3, warm_up=1, transport="shm"),
+    **{
+        f"sdxl_controlnet_{m}": dict(kind="sdxl_controlnet", size=64, sync_mode=m, steps=3, warm_up=1)
+        for m in CONTROLNET_MODES
+    },
     "bad_height": dict(kind="sd15", size=64),
     "bad_disagree": dict(kind="sd15", size=128, rank_mode=["corrected_async_gn", "stale_gn"]),
     "bad_world": dict(kind="sd15", size=128, patches=3),
@@ -172,13 +177,34 @@ def test_bad_options_are_refused(options, match):
 
 @pytest.mark.parametrize(
     "kind, match",
-    [("sd3", "has a transformer"), ("svd", "does not split video denoisers"), ("sdxl_controlnet", "ControlNet")],
+    [("sd3", "has a transformer"), ("svd", "does not split video denoisers")],
 )
 def test_transformers_and_video_are_refused(kind, match):
     from asyncdiff_rt.tiny import make_pipeline
 
     with pytest.raises(ConfigError, match=match):
         PatchParallel(make_pipeline(kind))
+
+
+def test_controlnet_with_cfg_parallel_is_refused():
+    pipe = pipe_of("sdxl_controlnet")
+    with pytest.raises(ConfigError, match="cfg_parallel=True.*ControlNet"):
+        PatchParallel(pipe, cfg_parallel=True)
+    assert _no_hooks(pipe)
+
+
+@pytest.mark.parametrize("mode", CONTROLNET_MODES)
+def test_controlnet_split_into_the_same_patches_equals_the_simulator(mode):
+    # DistriFusion has no ControlNet: here its layers take the UNet's row patches and exchange like the UNet's
+    case = CASES_2[f"sdxl_controlnet_{mode}"]
+    ref = simulated(case, patches=2)
+    for rank, got in enumerate(ok(results(2, CASES_2)[f"sdxl_controlnet_{mode}"])):
+        torch.testing.assert_close(got[0], ref, rtol=0, atol=TIGHT, msg=f"rank {rank}")
+    exact = plain(case)
+    if mode == "full_sync":
+        torch.testing.assert_close(ref, exact, rtol=0, atol=TIGHT)
+    else:
+        assert (ref - exact).abs().max() > FAR
 
 
 def test_a_layer_it_cannot_split_is_refused_by_name():

@@ -44,6 +44,8 @@ class LoopGuard:
         self.tau_host: list[float] = []
         self.batch: int | None = None
         self.call: dict[str, Any] = {}  # the call's own arguments to agree on (steps, guidance)
+        self.rank_local: frozenset[str] = frozenset()  # denoiser arguments that differ per rank by design
+        self.extra: dict[str, Any] = {}  # more to agree on at the first step (what the strategy saw before it)
         self._passed: list[tuple[int, torch.Tensor]] = []
 
     def begin_call(self, kwargs: dict, default_steps: Any) -> None:
@@ -70,7 +72,10 @@ class LoopGuard:
         others = {
             k: v
             for k, v in bound.arguments.items()
-            if k != "timestep" and v is not sample and any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))
+            if k != "timestep"
+            and k not in self.rank_local
+            and v is not sample
+            and any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(v))
         }
         mine = {
             "the number of steps": (self.call.get("num_inference_steps"), len(tau_host)),
@@ -82,6 +87,7 @@ class LoopGuard:
             },
             "the guidance scale": self.call.get("guidance_scale"),
             "the starting latents": digest(sample),
+            **self.extra,
         }
         everyone = self.transport.all_gather_object(mine, phase="call set-up: agreement on the call's arguments")
         for key in mine:

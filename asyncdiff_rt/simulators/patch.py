@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention
+from torch.utils import _pytree as pytree
 
 from .patch_layers import (
     SYNC_MODES,
@@ -50,7 +51,8 @@ def simulate_patch(
     if height is not None and scale:
         _check_rows(height // scale, patches, factor, f"height {height} (latent rows {height // scale})", scale)
     ex = PatchExchange(patches, warm_up, sync_mode)
-    with _installed(denoiser, ex, factor):
+    controlnet = getattr(pipe, "controlnet", None)
+    with _installed(denoiser, controlnet if isinstance(controlnet, torch.nn.Module) else None, ex, factor):
         return pipe(*args, **call_kwargs)
 
 
@@ -77,12 +79,26 @@ def _check_arguments(pipe, patches, warm_up, sync_mode) -> torch.nn.Module:
     conv_in = getattr(denoiser, "conv_in", None)
     if not isinstance(conv_in, torch.nn.Conv2d):
         raise ValueError(f"{type(denoiser).__name__} has no `conv_in` Conv2d, the first convolution")
-    for name, module in denoiser.named_modules():
-        if type(module).__name__ in _UNSUPPORTED_NORMS:
-            raise ValueError(f"patch simulation cannot split {name} ({type(module).__name__}) across patches")
-        if isinstance(module, torch.nn.Conv2d) and module is not conv_in:
-            _check_conv(name, module)
+    controlnet = getattr(pipe, "controlnet", None)
+    if isinstance(controlnet, torch.nn.Module) and type(controlnet).__name__ != "ControlNetModel":
+        raise ValueError(f"patch simulation splits one ControlNetModel, not a {type(controlnet).__name__}")
+    for model in (denoiser, controlnet):
+        if not isinstance(model, torch.nn.Module):
+            continue
+        whole = _whole_input_convs(model)
+        for name, module in model.named_modules():
+            if type(module).__name__ in _UNSUPPORTED_NORMS:
+                raise ValueError(f"patch simulation cannot split {name} ({type(module).__name__}) across patches")
+            if isinstance(module, torch.nn.Conv2d) and all(module is not c for c in whole):
+                _check_conv(name, module)
     return denoiser
+
+
+def _whole_input_convs(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Convolutions whose input is the whole image on every view: `conv_in`, and a ControlNet's first
+    convolution of its conditioning image."""
+    embedding = getattr(model, "controlnet_cond_embedding", None)
+    return [model.conv_in] + ([embedding.conv_in] if embedding is not None else [])
 
 
 def _check_conv(name: str, conv: torch.nn.Conv2d) -> None:
@@ -131,8 +147,11 @@ def _check_rows(rows: int, patches: int, factor: int, what: str, scale: int = 1)
 
 
 @contextmanager
-def _installed(denoiser: torch.nn.Module, ex: PatchExchange, factor: int):
-    """Install the per-view forward overrides on the denoiser and its layers; restore every one on exit."""
+def _installed(denoiser: torch.nn.Module, controlnet: torch.nn.Module | None, ex: PatchExchange, factor: int):
+    """Install the per-view forward overrides on the denoiser, the ControlNet and their layers; restore every one
+    on exit. A ControlNet's views run when the pipeline calls it (each computes its own rows, exchanging at its own
+    points, named `controlnet.*`); its residuals are handed over whole, and each view of the denoiser takes its
+    rows of them."""
     saved: list[tuple[torch.nn.Module, Any]] = []
 
     def override(module: torch.nn.Module, fn) -> None:
@@ -140,16 +159,22 @@ def _installed(denoiser: torch.nn.Module, ex: PatchExchange, factor: int):
         module.forward = functools.partial(fn, module.forward)
 
     try:
-        conv_in = denoiser.conv_in
-        for name, module in denoiser.named_modules():
-            if module is conv_in:
-                override(module, functools.partial(_bind_conv_in, ex, module))
-            elif isinstance(module, torch.nn.Conv2d) and (module.kernel_size[0] > 1 or module.stride[0] > 1):
-                override(module, functools.partial(_bind, conv_forward, ex, name, module))
-            elif isinstance(module, torch.nn.GroupNorm):
-                override(module, functools.partial(_bind, group_norm_forward, ex, name, module))
-            elif isinstance(module, Attention):
-                override(module, functools.partial(_bind, attention_forward, ex, name, module))
+        for model, prefix in ((denoiser, ""), (controlnet, "controlnet.")):
+            if model is None:
+                continue
+            whole = _whole_input_convs(model)
+            for name, module in model.named_modules():
+                name = prefix + name
+                if any(module is c for c in whole):
+                    override(module, functools.partial(_bind_conv_in, ex, module))
+                elif isinstance(module, torch.nn.Conv2d) and (module.kernel_size[0] > 1 or module.stride[0] > 1):
+                    override(module, functools.partial(_bind, conv_forward, ex, name, module))
+                elif isinstance(module, torch.nn.GroupNorm):
+                    override(module, functools.partial(_bind, group_norm_forward, ex, name, module))
+                elif isinstance(module, Attention):
+                    override(module, functools.partial(_bind, attention_forward, ex, name, module))
+        if controlnet is not None:
+            override(controlnet, functools.partial(_controlnet_forward, ex))
         override(denoiser, functools.partial(_denoiser_forward, ex, factor))
         yield
     finally:
@@ -172,9 +197,35 @@ def _denoiser_forward(ex: PatchExchange, factor: int, original, *args, **kwargs)
     sample = kwargs["sample"] if "sample" in kwargs else args[0]
     if ex.step == 0:
         _check_rows(sample.shape[-2], ex.patches, factor, f"the latent height {sample.shape[-2]}")
-    outputs = _run_views(ex, lambda: original(*args, **kwargs))
+    outputs = _run_views(ex, lambda: original(*args, **_own_residual_rows(ex, kwargs)))
     ex.end_step()
     return _gather_rows(outputs)
+
+
+_RESIDUALS = (
+    "down_block_additional_residuals",
+    "mid_block_additional_residual",
+    "down_intrablock_additional_residuals",
+)
+
+
+def _own_residual_rows(ex: PatchExchange, kwargs: dict) -> dict:
+    """This view's rows of the ControlNet residuals the pipeline hands the denoiser (whole, as gathered)."""
+    p = ex.view()
+
+    def rows(x):
+        n = x.shape[-2] // ex.patches
+        return x[..., p * n : (p + 1) * n, :]
+
+    return {k: (pytree.tree_map(rows, v) if k in _RESIDUALS and v is not None else v) for k, v in kwargs.items()}
+
+
+def _controlnet_forward(ex: PatchExchange, original, *args, **kwargs):
+    """The ControlNet's views, each computing its rows; its outputs gathered whole, row order, leaf by leaf."""
+    outputs = _run_views(ex, lambda: original(*args, **kwargs))
+    leaves = [pytree.tree_flatten(o) for o in outputs]
+    joined = [torch.cat(parts, dim=-2) for parts in zip(*(lv for lv, _ in leaves))]
+    return pytree.tree_unflatten(joined, leaves[0][1])
 
 
 def _run_views(ex: PatchExchange, call) -> list:

@@ -9,7 +9,7 @@ import torch
 
 from ...errors import ConfigError
 
-__all__ = ["check_denoiser", "row_factor", "check_rows", "self_attentions"]
+__all__ = ["check_denoiser", "check_controlnet", "full_input_convs", "row_factor", "check_rows", "self_attentions"]
 
 _VIDEO_DENOISERS = ("UNetSpatioTemporalConditionModel", "UNetMotionModel", "UNet3DConditionModel", "I2VGenXLUNet")
 _ATTENTION_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")  # what our self-attention reproduces
@@ -21,11 +21,6 @@ def check_denoiser(pipe: Any) -> torch.nn.Module:
         raise ConfigError(
             f"PatchParallel splits UNet pipelines into row patches; {type(pipe).__name__} has a transformer "
             f"({type(pipe.transformer).__name__}), whose patch split is not implemented: use asyncdiff_rt.AsyncDiff"
-        )
-    if isinstance(getattr(pipe, "controlnet", None), torch.nn.Module):
-        raise ConfigError(
-            f"PatchParallel does not split ControlNet pipelines yet ({type(pipe).__name__}): the ControlNet's "
-            "residuals would need the same row patches; use asyncdiff_rt.AsyncDiff"
         )
     denoiser = getattr(pipe, "unet", None)
     if not isinstance(denoiser, torch.nn.Module):
@@ -39,10 +34,45 @@ def check_denoiser(pipe: Any) -> torch.nn.Module:
     conv_in = getattr(denoiser, "conv_in", None)
     if not isinstance(conv_in, torch.nn.Conv2d):
         raise ConfigError(f"{kind} has no `conv_in` Conv2d (the first convolution) for PatchParallel to split after")
-    if any(hasattr(m, "_hf_hook") for m in denoiser.modules()):
+    _check_layers(denoiser, "")
+    return denoiser
+
+
+def check_controlnet(pipe: Any, cfg_parallel: bool) -> torch.nn.Module | None:
+    """The pipeline's ControlNet, split into the same row patches as the UNet (its residuals add to the UNet's
+    rows); None without one. Several ControlNets, and a ControlNet with cfg_parallel, are refused."""
+    controlnet = getattr(pipe, "controlnet", None)
+    if not isinstance(controlnet, torch.nn.Module):
+        return None
+    kind = type(controlnet).__name__
+    if kind != "ControlNetModel" or getattr(controlnet, "controlnet_cond_embedding", None) is None:
+        raise ConfigError(
+            f"PatchParallel splits one ControlNetModel into row patches, not a {kind}: pass a single ControlNet, "
+            "or use asyncdiff_rt.AsyncDiff"
+        )
+    if cfg_parallel:
+        raise ConfigError(
+            "PatchParallel(cfg_parallel=True) does not split a ControlNet pipeline's guidance halves yet (the "
+            "pipeline calls the ControlNet apart from the UNet): leave cfg_parallel=False"
+        )
+    _check_layers(controlnet, "controlnet.")
+    return controlnet
+
+
+def full_input_convs(module: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    """The convolutions that read the full-height input every rank holds and keep their own output rows: the
+    UNet's and the ControlNet's `conv_in`, and the first convolution of the ControlNet's image embedding."""
+    embedding = getattr(module, "controlnet_cond_embedding", None)
+    return [module.conv_in] + ([embedding.conv_in] if embedding is not None else [])
+
+
+def _check_layers(model: torch.nn.Module, prefix: str) -> None:
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
         raise ConfigError("the denoiser has accelerate offload hooks: load the pipeline without offloading")
-    for name, module in denoiser.named_modules():
-        if isinstance(module, torch.nn.Conv2d) and module is not conv_in:
+    full = {id(c) for c in full_input_convs(model)}
+    for name, module in model.named_modules():
+        name = prefix + name
+        if isinstance(module, torch.nn.Conv2d) and id(module) not in full:
             _check_conv(name, module)
         elif isinstance(module, torch.nn.GroupNorm):
             continue
@@ -50,9 +80,8 @@ def check_denoiser(pipe: Any) -> torch.nn.Module:
             raise ConfigError(f"PatchParallel cannot split {name} ({type(module).__name__}) across patches")
         elif isinstance(module, (torch.nn.Conv3d, torch.nn.Conv1d)):
             raise ConfigError(f"PatchParallel cannot split {name} ({type(module).__name__}) into row patches")
-    for name, attn in self_attentions(denoiser):
-        _check_attention(name, attn)
-    return denoiser
+    for name, attn in self_attentions(model):
+        _check_attention(prefix + name, attn)
 
 
 def _check_conv(name: str, conv: torch.nn.Conv2d) -> None:

@@ -28,12 +28,12 @@ from ...models.denoiser import (
     loop_timesteps,
     replace_first_tensor,
 )
-from ...runtime.guards import LoopGuard
+from ...runtime.guards import LoopGuard, digest
 from ...runtime.hooks import ForwardOverrides
 from ...runtime.session import Session, dist_ready
 from ...runtime.timeline import Timeline
 from ..cfg import CfgSplit
-from .checks import check_denoiser, check_rows, row_factor, self_attentions
+from .checks import check_controlnet, check_denoiser, check_rows, full_input_convs, row_factor, self_attentions
 from .exchange import REGIONS, PatchExchange
 from .graphs import PatchGraphs, graphs_allowed, tensor_timestep
 from .layers import conv_in_forward, group_norm_forward, halo_conv_forward, self_attention_forward
@@ -44,6 +44,8 @@ __all__ = ["PatchParallel", "SYNC_MODES"]
 log = logging.getLogger("asyncdiff_rt")
 
 MULTI_CALL_OPTIONS = ("skip_guidance_layers",)
+# what a ControlNet hands the UNet: on each rank its own rows (Note [patch ControlNet])
+CONTROLNET_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual")
 
 
 class PatchParallel:
@@ -102,6 +104,7 @@ class PatchParallel:
             raise ConfigError(f"patches must be an integer >= 1, got {patches!r}")
         self.pipe = pipe
         self.denoiser = check_denoiser(pipe)
+        self.controlnet = check_controlnet(pipe, cfg_parallel)  # split into the same rows (Note [patch ControlNet])
         check_scheduler(pipe.scheduler)
         param = next(self.denoiser.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -128,6 +131,7 @@ class PatchParallel:
                     "device": self.device.type,
                     "config": config,
                     "denoiser": type(self.denoiser).__name__,
+                    "controlnet": type(self.controlnet).__name__ if self.controlnet is not None else None,
                     "version": __version__,
                     "graphs": use_graphs,  # graphs with exchanges inside agree on their capture (graphs.py)
                 }
@@ -155,6 +159,8 @@ class PatchParallel:
         self.guard = LoopGuard(
             self.session.world if self.session.distributed else None, self.debug, self.adapter.timestep_divisor
         )
+        if self.controlnet is not None:  # each rank's residuals are its own rows: not part of the agreement
+            self.guard.rank_local = frozenset(CONTROLNET_RESIDUALS)
         self._k = 0
         self._install_layers()
         steps_param = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
@@ -163,20 +169,26 @@ class PatchParallel:
 
     def _install_layers(self) -> None:
         self._overrides = ForwardOverrides()
-        ex, conv_in = self.exchange_proxy, self.denoiser.conv_in
-        attentions = {id(m) for _, m in self_attentions(self.denoiser)}
-        for name, module in self.denoiser.named_modules():
-            if module is conv_in:
-                make = lambda orig, m=module: conv_in_forward(ex, m, orig)  # noqa: E731
-            elif isinstance(module, torch.nn.Conv2d) and (module.kernel_size[0] > 1 or module.stride[0] > 1):
-                make = lambda orig, n=name, m=module: halo_conv_forward(ex, n, m, orig)  # noqa: E731
-            elif isinstance(module, torch.nn.GroupNorm):
-                make = lambda orig, n=name, m=module: group_norm_forward(ex, n, m, orig)  # noqa: E731
-            elif id(module) in attentions:
-                make = lambda orig, n=name, m=module: self_attention_forward(ex, n, m, orig)  # noqa: E731
-            else:
-                continue
-            self._overrides.install(module, make)
+        ex = self.exchange_proxy
+        models = [(self.denoiser, "")] + ([(self.controlnet, "controlnet.")] if self.controlnet is not None else [])
+        for model, prefix in models:  # exchange points named apart: the ControlNet's and the UNet's in one step
+            full = {id(c) for c in full_input_convs(model)}
+            attentions = {id(m) for _, m in self_attentions(model)}
+            for name, module in model.named_modules():
+                name = prefix + name
+                if id(module) in full:
+                    make = lambda orig, m=module: conv_in_forward(ex, m, orig)  # noqa: E731
+                elif isinstance(module, torch.nn.Conv2d) and (module.kernel_size[0] > 1 or module.stride[0] > 1):
+                    make = lambda orig, n=name, m=module: halo_conv_forward(ex, n, m, orig)  # noqa: E731
+                elif isinstance(module, torch.nn.GroupNorm):
+                    make = lambda orig, n=name, m=module: group_norm_forward(ex, n, m, orig)  # noqa: E731
+                elif id(module) in attentions:
+                    make = lambda orig, n=name, m=module: self_attention_forward(ex, n, m, orig)  # noqa: E731
+                else:
+                    continue
+                self._overrides.install(module, make)
+        if self.controlnet is not None:
+            self._overrides.install(self.controlnet, self._controlnet_forward)
         self._overrides.install(self.denoiser, self._denoiser_forward)
 
     @property
@@ -261,13 +273,39 @@ class PatchParallel:
         check_rows(sample.shape[-2], self.patches, self.factor, f"the latent height {sample.shape[-2]}")
         tau_host = [float(x) for x in loop_timesteps(self.pipe.scheduler).detach().cpu()]
         self.guard.begin_loop(tau_host, full, sample)
+        if self.controlnet is None:  # else the ControlNet's call began the step (`_controlnet_forward`)
+            self._new_signature(_shapes_of(bound.arguments), len(tau_host))
+
+    def _new_signature(self, signature: tuple, steps: int) -> None:
         # warm_up >= the steps asked for runs exact, also where the scheduler calls the denoiser once more (PNDM)
-        self._call_warm_up = effective_warm_up(self.warm_up, self._call_steps, len(tau_host))
-        signature = _shapes_of(bound.arguments)
+        self._call_warm_up = effective_warm_up(self.warm_up, self._call_steps, steps)
         if signature != self._signature:  # new shapes: register the exchange points again at step 0
             self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device)
             self.graphs.clear()  # their static slots were the old exchange's
             self._signature = signature
+
+    def _controlnet_forward(self, original: Any):
+        """Note [patch ControlNet]: the pipeline calls the ControlNet on the full latent and image before the UNet
+        at every step; its layers are split into this rank's rows like the UNet's (exchange points named
+        `controlnet.*`, in the same step's exchange), so the residuals it hands the UNet are this rank's rows.
+        It begins the step; it runs eagerly (the UNet's steady forwards replay from graphs)."""
+        signature_of = inspect.signature(class_forward(self.controlnet))
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            k = self._k
+            if k == 0:
+                bound = signature_of.bind(*args, **kwargs)
+                sample = bound.arguments["sample"]
+                check_rows(sample.shape[-2], self.patches, self.factor, f"the latent height {sample.shape[-2]}")
+                self._new_signature(_shapes_of(bound.arguments), len(loop_timesteps(self.pipe.scheduler)))
+                cond, scale = bound.arguments.get("controlnet_cond"), bound.arguments.get("conditioning_scale")
+                self.guard.extra = {"the ControlNet image and scale": (digest(cond) if cond is not None else None,
+                                                                       repr(scale))}  # fmt: skip
+            self.exchange.begin_step(StepPolicy(self.sync_mode, self._call_warm_up, k))
+            with self.timeline.span("warm-up" if self.exchange.policy.exact else "compute", k, "controlnet"):
+                return original(*args, **kwargs)
+
+        return forward
 
     def _denoiser_forward(self, original: Any):
         def forward(*args: Any, **kwargs: Any) -> Any:
