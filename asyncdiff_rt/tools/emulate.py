@@ -235,7 +235,8 @@ def _collect(spec: dict, per_proc: list[dict]) -> dict[str, Any]:
     return res
 
 
-def _load(path: str) -> dict[str, Any]:
+def load_results(path: str) -> dict[str, Any]:
+    """An emulation results file (its `emulations` entries are replaced one n at a time), or an empty one."""
     if os.path.exists(path):
         with open(path) as f:
             data = json.load(f)
@@ -244,11 +245,12 @@ def _load(path: str) -> dict[str, Any]:
     return {"meta": {}, "emulations": {}}
 
 
-def _write(stem: str, data: dict[str, Any]) -> None:
+def write_results(stem: str, data: dict[str, Any], render: Any = None) -> None:
+    """`<stem>.json` and `<stem>.md` (the table `render` makes of the data; default: this emulation's)."""
     with open(stem + ".json", "w") as f:
         json.dump(data, f, indent=2)
     with open(stem + ".md", "w") as f:
-        f.write(markdown(data))
+        f.write((render or markdown)(data))
 
 
 def run_emulation(
@@ -284,7 +286,7 @@ def run_emulation(
         print(f"emulate {n}: {info['device']}, MPS servers after the first client: {servers or '(none)'}", flush=True)
         os.makedirs(out, exist_ok=True)
         stem = result_stem(out, model, info["device"])
-        data = _load(stem + ".json")
+        data = load_results(stem + ".json")
         data["meta"] = {"model": model, **info, "transport": transports[0]}
         entry = {
             "n": n,
@@ -314,7 +316,7 @@ def run_emulation(
             except Exception as err:  # noqa: BLE001 - a failed variant is reported, the others still run
                 print(f"emulate {n}: {name} FAILED: {err}", flush=True)
                 entry["variants"][name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}", "what": spec["what"]}
-                _write(stem, summarize(data))
+                write_results(stem, summarize(data))
                 continue
             if spec["model_n"] > 1 and not spec["cfg_parallel"] and per_proc[0]["plan"]:
                 plans.setdefault(spec["model_n"], per_proc[0]["plan"])
@@ -324,8 +326,8 @@ def run_emulation(
             shown = row.get("mean_s", row["median_s"])
             print(f"emulate {n}: {name}: median {shown:.3f} s ({time.perf_counter() - t0:.0f} s with set-up)",
                   flush=True)  # fmt: skip
-            _write(stem, summarize(data))
-    _write(stem, summarize(data))
+            write_results(stem, summarize(data))
+    write_results(stem, summarize(data))
     print(markdown(data), flush=True)
     print(f"written: {stem}.json, {stem}.md", flush=True)
     return data

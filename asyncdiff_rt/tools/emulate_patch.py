@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import statistics
 import tempfile
@@ -197,22 +196,6 @@ def _collect(spec: dict, per_proc: list[dict]) -> dict[str, Any]:
     return row
 
 
-def _load(path: str) -> dict[str, Any]:
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
-        if isinstance(data, dict) and isinstance(data.get("emulations"), dict):
-            return data
-    return {"meta": {}, "emulations": {}}
-
-
-def _write(stem: str, data: dict[str, Any]) -> None:
-    with open(stem + ".json", "w") as f:
-        json.dump(data, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(data))
-
-
 def _latents_path(stem: str, n: int, name: str) -> str:
     """Final latents kept out of the results folder (the `one` reference survives a resumed run)."""
     where = hashlib.sha1(os.path.abspath(stem).encode()).hexdigest()[:8]  # one results file's, not another's
@@ -251,7 +234,7 @@ def run_patch_emulation(
         info = emulate._spawn(emulate._device_info, 1, {**base, "name": "device"}, env, min(timeout_s, 60))[0]
         os.makedirs(out, exist_ok=True)
         stem = patch_stem(out, model, size, info["device"])
-        data = _load(stem + ".json")
+        data = emulate.load_results(stem + ".json")
         data["meta"] = {"model": model, "size": size, **info, "transport": transport}
         settings = {"n": n, "percent": pct, "steps": steps, "runs": runs, "warm_up": warm_up, "size": size}
         old = data["emulations"].get(str(n), {})
@@ -274,17 +257,17 @@ def run_patch_emulation(
             except Exception as err:  # noqa: BLE001 - a failed variant is reported, the others still run
                 print(f"emulate patch {n}: {name} FAILED: {err}", flush=True)
                 entry["variants"][name] = {"error": f"{type(err).__name__}: {str(err)[:2000]}", "what": spec["what"]}
-                _write(stem, summarize(data))
+                emulate.write_results(stem, summarize(data), markdown)
                 continue
             torch.save(per_proc[0].pop("latents"), path)
             entry["variants"][name] = _collect(spec, per_proc)
             _fidelity(entry, stem, n, name)
-            _write(stem, summarize(data))
+            emulate.write_results(stem, summarize(data), markdown)
             row = entry["variants"][name]
             print(f"emulate patch {n}: {name}: median {row.get('mean_s', row['median_s']):.3f} s "
                   f"({time.perf_counter() - t0:.0f} s with set-up, {time.perf_counter() - started:.0f} s so far)",
                   flush=True)  # fmt: skip
-    _write(stem, summarize(data))
+    emulate.write_results(stem, summarize(data), markdown)
     print(markdown(data), flush=True)
     print(f"written: {stem}.json, {stem}.md", flush=True)
     return data
