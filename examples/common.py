@@ -51,7 +51,12 @@ def parser(description: str, *, video: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=1, choices=(1, 2), help="2: pairs of steps, one more rank")
     p.add_argument("--warm_up", type=int, default=3, help="exact steps before the asynchronous ones")
     p.add_argument("--time_shift", action="store_true", help="compute step k with the timestep of step k-1")
-    p.add_argument("--transport", default="auto", choices=("auto", "nccl", "shm", "gloo", "local"))
+    p.add_argument("--transport", default="auto", choices=("auto", "nccl", "ipc", "shm", "gloo", "local"))
+    p.add_argument(
+        "--cfg_parallel",
+        action="store_true",
+        help="the two guidance halves (or FLUX's two true-CFG calls) on two halves of the ranks: 2x the processes",
+    )
     p.add_argument("--plan", default=None, help="a saved plan (JSON, from `asyncdiff-rt plan --save`)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
     p.add_argument("--prompt", default=None, help="default: a built-in prompt")
@@ -101,7 +106,7 @@ def main(
     """
     if args.model is not None and inputs is not None:
         inputs(args)  # missing or unreadable input files fail here, before any process starts
-    world = args.model_n + args.stride - 1
+    world = (args.model_n + args.stride - 1) * (2 if args.cfg_parallel else 1)
     spec = {"kind": kind, "pipeline_class": pipeline_class, "args": vars(args)}
     try:
         run_ranks(_rank_main, world, spec, inputs, components, transport=args.transport)
@@ -174,6 +179,7 @@ def _rank_main(rank: int, world: int, spec: dict, inputs, components) -> None:
         time_shift=args.time_shift,
         plan=args.plan,
         transport=args.transport,
+        cfg_parallel=args.cfg_parallel,
         **({"controlnet": args.controlnet_mode} if hasattr(args, "controlnet_mode") else {}),
     )
     try:
@@ -189,8 +195,8 @@ def _rank_main(rank: int, world: int, spec: dict, inputs, components) -> None:
             model = args.model or f"tiny built-in {spec['kind']} (random weights)"
             print(
                 f"{spec['pipeline_class']} [{model}]: {args.steps} steps, model_n={ad.model_n}, stride={ad.stride}, "
-                f"warm_up={ad.warm_up}, time_shift={args.time_shift}, {ad.world_needed} rank(s), "
-                f"transport={ad.transport_name}, {device}, {dtype}"
+                f"warm_up={ad.warm_up}, time_shift={args.time_shift}, cfg_parallel={args.cfg_parallel}, "
+                f"{world} rank(s), transport={ad.transport_name}, {device}, {dtype}"
             )
             print(f"latency: {seconds:.3f} s")
             paths = save_output(out, args.out, fps=getattr(args, "fps", 8))

@@ -68,6 +68,10 @@ def _jobs(tmp: Path) -> dict[str, list[str]]:
     jobs["from_pretrained"] = [PY, str(EXAMPLES / "run_sd.py"), "--model", str(tmp / "tiny_sd15"), "--dtype", "float32",
                                "--height", "64", "--width", "64", "--model_n", "2", *FAST, "--transport", "local",
                                "--plan", _plan_file(tmp, "sd15"), "--out", str(tmp / "pretrained.png")]  # fmt: skip
+    # FLUX's true CFG split over two worker processes (each computes one of the step's two transformer calls)
+    jobs["flux_true_cfg"] = [PY, str(EXAMPLES / "run_flux.py"), "--model_n", "1", "--cfg_parallel", *FAST,
+                             "--true_cfg_scale", "4", "--negative_prompt", "blurry", "--transport", "gloo",
+                             "--out", str(tmp / "flux_true_cfg.png")]  # fmt: skip
     # no --plan: the runtime plans by itself (rank 0 measures block costs)
     jobs["auto_plan"] = [PY, str(EXAMPLES / "run_sd3.py"), "--model_n", "2", *FAST, "--transport", "local",
                          "--out", str(tmp / "auto_plan.png")]  # fmt: skip
@@ -190,3 +194,11 @@ def test_save_output(tmp_path):
     frames = save_output(video, str(tmp_path / "f.png"))
     assert [Path(p).name for p in frames] == ["f_000.png", "f_001.png", "f_002.png"]
     assert all(Path(p).exists() for p in frames)
+
+
+def test_example_flux_true_cfg_over_two_processes(runs):
+    tmp, results = runs
+    log = _ok(results, "flux_true_cfg")
+    assert "model_n=1" in log and "cfg_parallel=True, 2 rank(s), transport=gloo" in log, log[-2000:]
+    arr = _image(tmp / "flux_true_cfg.png")
+    assert arr.shape == (64, 64, 3) and arr.std() > 1.0

@@ -101,8 +101,8 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, transport: str = "
         rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if transport != "local" and size != world:
             raise SystemExit(
-                f"this configuration needs {world} processes (model_n + stride - 1) but torchrun started {size}: "
-                f"use torchrun --nproc_per_node={world}"
+                f"this configuration needs {world} processes (model_n + stride - 1, x2 with cfg_parallel) but torchrun "
+                f"started {size}: use torchrun --nproc_per_node={world}"
             )
         result = fn(rank, size, *args)
         return result if rank == 0 else None
