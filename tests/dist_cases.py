@@ -51,15 +51,9 @@ def pipeline_kwargs(case: dict, rank: int = 0) -> dict:
     if case.get("no_generator"):
         kwargs.pop("generator", None)
     if case.get("kill_rank") == rank:
+        from spawn_cases import exit_at_step_2
 
-        def die(pipe, i, t, callback_kwargs):
-            if i == 2:
-                import os
-
-                os._exit(3)  # a peer dying mid-run, without a word
-            return callback_kwargs
-
-        kwargs["callback_on_step_end"] = die
+        kwargs["callback_on_step_end"] = exit_at_step_2
     if case.get("delay_rank") is not None and case["delay_rank"][0] == rank:
         delay_s = case["delay_rank"][1]
 

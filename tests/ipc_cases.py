@@ -5,7 +5,6 @@ its host for a while at one step (its peers' streams wait on the flags)."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -57,39 +56,3 @@ def transport_rank(rank: int, world: int, store_path: str, steps: int, delay: tu
     tr.all_gather_object(None)  # every rank got every message before any closes
     tr.close()
     return errors, generations
-
-
-def transport_dies(rank: int, store_path: str, host_sync_first: bool):
-    """Rank 1 exits after step 0; rank 0 must raise TransportError naming peer rank 1 and step 1, and its GPU must
-    stay usable afterwards (the released copies touched memory of a process that is gone)."""
-    import torch.distributed as dist
-
-    from asyncdiff_rt.transport import TransportError
-    from asyncdiff_rt.transport.ipc import IpcTransport
-
-    torch.cuda.set_device(0)
-    tr = IpcTransport(rank, 2, dist.FileStore(store_path, 2), device="cuda:0", timeout_s=5.0)
-    x = torch.ones(10, device="cuda")
-    tr.exchange(0, {1 - rank: [x]}, {1 - rank: [torch.empty(10, device="cuda")]})
-    tr.synchronize()
-    if rank == 1:
-        os._exit(0)
-    t0 = time.monotonic()
-    try:
-        for step in range(1, 4):
-            y = torch.empty(10, device="cuda")
-            tr.exchange(step, {1 - rank: [x]}, {1 - rank: [y]})
-            if host_sync_first:
-                y.cpu()  # a host sync outside the transport: the watchdog must release the blocked stream
-        tr.synchronize()
-    except TransportError as err:
-        waited = time.monotonic() - t0
-        try:
-            torch.cuda.synchronize()  # released
-            healthy = float((torch.arange(4, device="cuda") * 2).sum().item()) == 12.0
-            problem = ""
-        except Exception as cuda_err:  # noqa: BLE001 - the test reports it
-            healthy, problem = False, f"{type(cuda_err).__name__}: {cuda_err}"
-        tr.close()
-        return str(err), waited, healthy, problem
-    return "no error", 0.0, True, ""

@@ -33,14 +33,15 @@ def call_kwargs(case: dict, rank: int = 0) -> dict:
     kwargs["output_type"] = "latent"
     kwargs.update(case.get("call", {}))
     if case.get("kill_rank") == rank:
-
-        def die(pipe, i, t, callback_kwargs):
-            if i == 2:
-                os._exit(3)  # a peer dying mid-run, without a word
-            return callback_kwargs
-
-        kwargs["callback_on_step_end"] = die
+        kwargs["callback_on_step_end"] = exit_at_step_2
     return kwargs
+
+
+def exit_at_step_2(pipe, i, t, callback_kwargs):
+    """A pipeline callback: the process exits at step 2, without a word (a peer dying mid-run)."""
+    if i == 2:
+        os._exit(3)
+    return callback_kwargs
 
 
 def latents(out) -> torch.Tensor:

@@ -128,22 +128,18 @@ def _device_info(rank: int, world: int, spec: dict) -> dict[str, Any]:
     return {"device": name, "torch": torch.__version__, "diffusers": version("diffusers")}
 
 
-def _worker(rank: int, world: int, spec: dict) -> dict[str, Any]:
-    """One process of one variant: build the pipeline once, one untimed warm-up call, `runs` timed calls (all
-    processes start each together, behind a barrier), one recorded call for the timeline."""
-    _check_client(spec)
-    import torch.distributed as dist
+def loop_times(times: list[float], first: float) -> dict[str, Any]:
+    """A variant's timed calls on one process: every time, median, min, max, and the untimed first call."""
+    return {"times_s": times, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "first_call_s": first}  # fmt: skip
 
+
+def attach_segments(pipe: Any, spec: dict) -> Any:
+    """AsyncDiff as a segments variant asks (the control's processes: each alone, `local`)."""
     import asyncdiff_rt
     from asyncdiff_rt.compiler.plan import Plan
 
-    device = "cuda:0" if spec["device"] == "cuda" else "cpu"
-    # built on the device in its own dtype (FLUX.1: 22.2 GiB of bf16; never a float32 copy, which four processes
-    # building at once could not hold); non-owned blocks are freed by AsyncDiff below
-    pipe, kwargs = bench_pipeline(spec["model"], device, spec["steps"])
-    if spec["independent"] and world > 1:  # control: the processes only share a barrier
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=spec["timeout_s"]))
-    ad = asyncdiff_rt.AsyncDiff(
+    return asyncdiff_rt.AsyncDiff(
         pipe,
         model_n=spec["model_n"],
         stride=spec["stride"],
@@ -153,6 +149,21 @@ def _worker(rank: int, world: int, spec: dict) -> dict[str, Any]:
         plan=Plan.from_json(spec["plan"]) if spec.get("plan") else None,
         timeout_s=spec["timeout_s"],
     )
+
+
+def _worker(rank: int, world: int, spec: dict) -> dict[str, Any]:
+    """One process of one variant: build the pipeline once, one untimed warm-up call, `runs` timed calls (all
+    processes start each together, behind a barrier), one recorded call for the timeline."""
+    _check_client(spec)
+    import torch.distributed as dist
+
+    device = "cuda:0" if spec["device"] == "cuda" else "cpu"
+    # built on the device in its own dtype (FLUX.1: 22.2 GiB of bf16; never a float32 copy, which four processes
+    # building at once could not hold); non-owned blocks are freed by AsyncDiff below
+    pipe, kwargs = bench_pipeline(spec["model"], device, spec["steps"])
+    if spec["independent"] and world > 1:  # control: the processes only share a barrier
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=spec["timeout_s"]))
+    ad = attach_segments(pipe, spec)
     barrier = dist.barrier if world > 1 else (lambda: None)
     loud = rank == 0 or spec["independent"]
 
@@ -180,11 +191,7 @@ def _worker(rank: int, world: int, spec: dict) -> dict[str, Any]:
     ad.record_timeline(False)
     last = len(spans) - 1
     result = {
-        "times_s": times,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "first_call_s": first,
+        **loop_times(times, first),
         "split_quality": ad.plan.split_quality(),
         "plan": ad.plan.to_json(indent=None) if rank == 0 else None,
         "size": kwargs.get("height"),

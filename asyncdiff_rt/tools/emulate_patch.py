@@ -77,15 +77,7 @@ def _runtime(pipe: Any, spec: dict) -> Any:
     if spec["kind"] == "patch":
         return asyncdiff_rt.PatchParallel(pipe, warm_up=spec["warm_up"], sync_mode=spec["sync_mode"],
                                           transport=spec["transport"], timeout_s=spec["timeout_s"])  # fmt: skip
-    return asyncdiff_rt.AsyncDiff(
-        pipe,
-        model_n=spec["model_n"],
-        stride=spec["stride"],
-        warm_up=spec["warm_up"],
-        transport="local" if spec["independent"] else spec["transport"],
-        cfg_parallel=spec["cfg_parallel"],
-        timeout_s=spec["timeout_s"],
-    )
+    return emulate.attach_segments(pipe, spec)
 
 
 class _StepMarks:
@@ -161,11 +153,7 @@ def _worker(rank: int, world: int, spec: dict) -> dict[str, Any]:
             print(f"  {spec['name']} process {rank}: run {i + 1}/{spec['runs']} {t:.3f} s", flush=True)
     latents = (out.images if hasattr(out, "images") else out[0]).float().cpu()
     result = {
-        "times_s": times,
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "first_call_s": first,
+        **emulate.loop_times(times, first),
         "step_ms": statistics.median(measured) if (measured := [s for s in step_ms if s is not None]) else None,
         "size": kwargs.get("height"),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,

@@ -7,81 +7,30 @@ Run with `pytest -m cuda tests/cuda/test_ipc_cuda.py` on a GPU machine after scr
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import re
 import time
-import traceback
 import uuid
 
 import pytest
 import torch
+from channel_cases import SPECS, cuda_native, transport_dies
+from channel_cases import capacity as _capacity
+from channel_cases import collect as _collect
+from channel_cases import parts as _parts
+from channel_cases import pattern as _pattern
+from channel_cases import spawn as _spawn
+from channel_cases import stream as _stream
 
 from asyncdiff_rt import native
 
 pytestmark = pytest.mark.cuda
 
-SPECS = [((3, 5), torch.float32), ((7,), torch.int64), ((1001,), torch.uint8), ((256, 1024), torch.float16)]
-
-
-@pytest.fixture(scope="module")
-def C():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if not native.available():
-        pytest.skip("asyncdiff_rt._C not built (scripts/device_build.sh)")
-    mod = native.load()
-    info = mod.build_info()
-    if not info["with_cuda"]:
-        pytest.fail(f"asyncdiff_rt._C was built without CUDA on a GPU machine: {info}")
-    mod.check_runtime()
-    return mod
+C = pytest.fixture(cuda_native, scope="module", name="C")
 
 
 def _name(tag: str) -> str:
     return f"adrt_ipc_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-
-
-def _pattern(seq: int, k: int, shape, dtype) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= s
-    base = torch.arange(n, dtype=torch.int64, device="cuda").reshape(shape) * (k + 3) + seq * 17
-    return (base % 251).to(dtype)
-
-
-def _parts(tensors):
-    return [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
-
-
-def _capacity(C) -> int:
-    return C.ShmChannel.packed_size([(0, torch.empty(s, dtype=d).nbytes) for s, d in SPECS])
-
-
-def _stream() -> int:
-    return torch.cuda.current_stream().cuda_stream
-
-
-def _run_child(fn, args, queue):
-    try:
-        queue.put(("ok", fn(*args)))
-    except BaseException as err:  # noqa: BLE001
-        queue.put(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
-
-
-def _spawn(fn, *args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_run_child, args=(fn, args, queue), daemon=True)
-    proc.start()
-    return proc, queue
-
-
-def _collect(proc, queue, timeout=180):
-    status, value = queue.get(timeout=timeout)
-    proc.join(timeout=30)
-    assert status == "ok", value
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,10 +176,8 @@ def test_ipc_transport_cuda(C, tmp_path, world):
 
 @pytest.mark.parametrize("host_sync_first", [False, True], ids=["transport_sync", "host_sync"])
 def test_ipc_transport_dead_peer(C, tmp_path, host_sync_first):
-    from ipc_cases import transport_dies
-
     store_path = str(tmp_path / "store")
-    p0, p1 = (_spawn(transport_dies, r, store_path, host_sync_first) for r in range(2))
+    p0, p1 = (_spawn(transport_dies, r, store_path, host_sync_first, "ipc") for r in range(2))
     message, waited, healthy, problem = _collect(*p0)
     p1[0].join(timeout=30)
     assert re.search(r"peer rank 1\b", message) and re.search(r"\bstep 1\b", message), message

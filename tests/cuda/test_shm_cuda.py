@@ -5,81 +5,30 @@ one. Run with `pytest -m cuda tests/cuda` on a GPU machine after scripts/device_
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import re
 import time
-import traceback
 import uuid
 
 import pytest
 import torch
+from channel_cases import SPECS, cuda_native, transport_dies
+from channel_cases import capacity as _capacity
+from channel_cases import collect as _collect
+from channel_cases import parts as _parts
+from channel_cases import pattern as _pattern
+from channel_cases import spawn as _spawn
+from channel_cases import stream as _stream
 
 from asyncdiff_rt import native
 
 pytestmark = pytest.mark.cuda
 
-SPECS = [((3, 5), torch.float32), ((7,), torch.int64), ((1001,), torch.uint8), ((256, 1024), torch.float16)]
-
-
-@pytest.fixture(scope="module")
-def C():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if not native.available():
-        pytest.skip("asyncdiff_rt._C not built (scripts/device_build.sh)")
-    mod = native.load()
-    info = mod.build_info()
-    if not info["with_cuda"]:
-        pytest.fail(f"asyncdiff_rt._C was built without CUDA on a GPU machine: {info}")
-    mod.check_runtime()
-    return mod
+C = pytest.fixture(cuda_native, scope="module", name="C")
 
 
 def _name(tag: str) -> str:
     return f"adrt_cuda_{tag}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-
-
-def _pattern(seq: int, k: int, shape, dtype, device="cuda") -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= s
-    base = torch.arange(n, dtype=torch.int64, device=device).reshape(shape) * (k + 3) + seq * 17
-    return (base % 251).to(dtype)
-
-
-def _parts(tensors):
-    return [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
-
-
-def _capacity(C) -> int:
-    return C.ShmChannel.packed_size([(0, torch.empty(s, dtype=d).nbytes) for s, d in SPECS])
-
-
-def _stream() -> int:
-    return torch.cuda.current_stream().cuda_stream
-
-
-def _run_child(fn, args, queue):
-    try:
-        queue.put(("ok", fn(*args)))
-    except BaseException as err:  # noqa: BLE001
-        queue.put(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
-
-
-def _spawn(fn, *args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_run_child, args=(fn, args, queue), daemon=True)
-    proc.start()
-    return proc, queue
-
-
-def _collect(proc, queue, timeout=180):
-    status, value = queue.get(timeout=timeout)
-    proc.join(timeout=30)
-    assert status == "ok", value
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,47 +223,19 @@ def test_shm_transport_cuda(C, tmp_path, world):
     assert [_collect(p, q) for p, q in procs] == [[]] * world
 
 
-def _transport_dies(rank: int, store_path: str, host_sync_first: bool):
-    import torch.distributed as dist
-
-    from asyncdiff_rt.transport import TransportError
-    from asyncdiff_rt.transport.shm import ShmTransport
-
-    torch.cuda.set_device(0)
-    tr = ShmTransport(rank, 2, dist.FileStore(store_path, 2), device="cuda:0", timeout_s=5.0)
-    x = torch.ones(10, device="cuda")
-    tr.exchange(0, {1 - rank: [x]}, {1 - rank: [torch.empty(10, device="cuda")]})
-    tr.synchronize()
-    if rank == 1:
-        os._exit(0)
-    t0 = time.monotonic()
-    try:
-        for step in range(1, 4):
-            y = torch.empty(10, device="cuda")
-            tr.exchange(step, {1 - rank: [x]}, {1 - rank: [y]})
-            if host_sync_first:
-                # A host sync outside the transport: the watchdog must release the blocked stream (garbage data),
-                # and the next transport call must raise.
-                y.cpu()
-        tr.synchronize()
-    except TransportError as err:
-        torch.cuda.synchronize()  # released
-        return str(err), time.monotonic() - t0
-    return "no error", 0.0
-
-
 @pytest.mark.parametrize("host_sync_first", [False, True], ids=["transport_sync", "host_sync"])
 def test_shm_transport_cuda_dead_peer(C, tmp_path, host_sync_first):
     store_path = str(tmp_path / "store")
     t0 = time.monotonic()
-    p0, p1 = (_spawn(_transport_dies, r, store_path, host_sync_first) for r in range(2))
-    message, waited = _collect(*p0)
+    p0, p1 = (_spawn(transport_dies, r, store_path, host_sync_first, "shm") for r in range(2))
+    message, waited, healthy, problem = _collect(*p0)
     p1[0].join(timeout=30)
     # rank 1 exits after step 0: the first exchange rank 0 waits for (step 1) names it, through its pid
     assert re.search(r"peer rank 1\b", message) and re.search(r"\bstep 1\b", message), message
     assert "exited" in message, message
     assert waited < 5.0 + 3, waited  # the transport's timeout is 5 s; the dead pid is noticed before it
     assert time.monotonic() - t0 < 5.0 + 45  # process starts (CUDA contexts) included
+    assert healthy, f"CUDA unusable after the dead peer was released: {problem}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
