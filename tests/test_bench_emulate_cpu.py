@@ -175,6 +175,34 @@ def test_markdown_from_synthetic_result():
     assert "ours_n2s1w3: the plan has no segment costs" in md
 
 
+def test_cfg_ceiling_and_per_rank_balance_notes():
+    data = synthetic()
+    rows = data["emulations"]["2"]["variants"]
+    whole = {"rounds": 48, "wall_ms": 86.1, "compute_ms": 86.0, "exchange_ms": 0.0, "eps_ms": 0.0, "gap_ms": 0.1}
+    half = {**whole, "wall_ms": 50.7, "compute_ms": 50.0}
+    rows["control"]["breakdown"] = {"rank 0": whole}
+    rows["cfg2"]["breakdown"] = {"rank 0": half, "rank 1": half}
+    ranks = {f"rank {i}": {**whole, "compute_ms": c} for i, c in enumerate((45.1, 42.0, 41.5, 40.7))}
+    rows["ours_n4"] = {**rows["ours_n2s1w1"], "model_n": 4, "procs": 4, "breakdown": ranks,
+                       "segment_ms": [10.0, 10.5, 10.2, None]}  # fmt: skip
+    halves = {f"rank {i}": {**whole, "compute_ms": c} for i, c in enumerate((47.3, 46.5, 48.0, 46.5))}
+    rows["cfg2_n2"] = {**rows["ours_n4"], "cfg_parallel": True, "model_n": 2, "split_quality": 2.0, "breakdown": halves}
+    summarize(data)
+    n2 = rows["cfg2_n2"]["cfg_ceiling"]
+    assert n2["half_ms"] == 48.0 and n2["gain"] == pytest.approx(86.0 / (2.0 * 48.0))  # the slowest rank
+    assert n2["bound"] == pytest.approx(n2["gain"] * rows["cfg2_n2"]["ideal"] / 2)
+    assert rows["cfg2"]["cfg_ceiling"]["gain"] == pytest.approx(86.0 / 50.0)
+    assert rows["cfg2"]["cfg_ceiling"]["bound"] == pytest.approx(86.0 / 50.0)  # model_n=1: ideal / 2 = 1
+    assert rows["ours_n2s1w1"]["cfg_ceiling"] is None  # not a CFG split
+    md = markdown(data)
+    assert "cfg2: each rank computes its part of one guidance half in 50.0 ms per step, the control's whole batch " \
+           f"takes 86.0 ms: the batch split gains {86 / 50:.2f}x here, not 2; bound {86 / 50:.2f}x over the " \
+           f"control; measured {4.23 / 2.2:.2f}x = {4.23 / 2.2 / (86 / 50):.2f} of it." in md  # fmt: skip
+    assert "ours_n4: compute per round by rank 45.1 / 42.0 / 41.5 / 40.7 ms; the plan's segment costs " \
+           "10.0 / 10.5 / 10.2 / – ms." in md  # fmt: skip
+    assert "ours_n2s1w1: compute per round" not in md  # two ranks: both are in the table already
+
+
 # ---------------------------------------------------------------------------------------------- the MPS daemon
 def test_missing_control_binary_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: nvidia-cuda-mps-control is not found

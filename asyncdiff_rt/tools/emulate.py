@@ -196,9 +196,11 @@ def _worker(rank: int, world: int, spec: dict) -> dict[str, Any]:
         "plan": ad.plan.to_json(indent=None) if rank == 0 else None,
         "size": kwargs.get("height"),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if spec["device"] == "cuda" else None,
-        "breakdown": {"rank 0": breakdown(spans[0]), f"rank {world - 1}": breakdown(spans[last])}
+        # every rank's (the table shows rank 0 and the last; the note, every rank's compute against the plan's)
+        "breakdown": {f"rank {i}": breakdown(spans[i]) for i in range(last + 1)}
         if not spec["independent"]
         else {"rank 0": breakdown(spans[0])},
+        "segment_ms": [seg.cost_ms for seg in ad.plan.segments],
     }
     ad.remove()
     return result
@@ -235,6 +237,7 @@ def _collect(spec: dict, per_proc: list[dict]) -> dict[str, Any]:
     first = per_proc[0]
     res.update({k: first[k] for k in ("times_s", "median_s", "min_s", "max_s", "first_call_s", "peak_mem_gib")})
     res["split_quality"] = first["split_quality"]
+    res["segment_ms"] = first.get("segment_ms")
     res["breakdown"] = first["breakdown"]
     if spec["name"] == "control":
         res["medians_s"] = [p["median_s"] for p in per_proc]

@@ -73,7 +73,43 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
             r["s"] = s
             r["ideal"] = ideal(K, r["warm_up"], s, r["stride"], r["cfg_parallel"])
             r["efficiency"] = r["vs_control"] / r["ideal"] if r["vs_control"] else None
+            r["cfg_ceiling"] = _cfg_ceiling(r, rows.get("control"))
     return data
+
+
+def _compute(row: dict[str, Any] | None, slowest: bool = False) -> float | None:
+    """Rank 0's compute per round (slowest: the largest of every rank's), None without a breakdown."""
+    parts = [b for b in ((row or {}).get("breakdown") or {}).values() if b]
+    if not parts:
+        return None
+    return max(b["compute_ms"] for b in parts) if slowest else parts[0]["compute_ms"]
+
+
+def _cfg_ceiling(row: dict[str, Any], control: dict[str, Any] | None) -> dict[str, float] | None:
+    """What a CFG split can give at this share, from compute alone: `gain` = the control's compute per step (the
+    whole guidance batch) split s ways, over the slowest rank's (its segment of one half); `bound` = gain x the
+    segments' ideal (ideal / 2). The gain is below 2 where the GPU's time for half the batch is more than half its
+    time for the whole (kernels that no longer fill the SMs): no exchange can recover that."""
+    if not row.get("cfg_parallel") or not row.get("ideal"):
+        return None
+    half, whole = _compute(row, slowest=True), _compute(control)
+    if not half or not whole:
+        return None
+    gain = whole / (row["s"] * half)
+    return {"half_ms": half, "whole_ms": whole, "gain": gain, "bound": gain * row["ideal"] / 2}
+
+
+def _cfg_note(name: str, row: dict[str, Any]) -> str | None:
+    c, got = row.get("cfg_ceiling"), row.get("vs_control")
+    if not c or not got:
+        return None
+    split = f" split {row['s']:.2f} ways {c['whole_ms'] / row['s']:.1f} ms" if row["model_n"] > 1 else ""
+    bound = f" x the segments' ideal {row['ideal'] / 2:.2f}x = {c['bound']:.2f}x" if row["model_n"] > 1 else ""
+    return (
+        f"{name}: each rank computes its part of one guidance half in {c['half_ms']:.1f} ms per step, the control's "
+        f"whole batch takes {c['whole_ms']:.1f} ms{split}: the batch split gains {c['gain']:.2f}x here, not 2; "
+        f"bound {c['gain']:.2f}x{bound} over the control; measured {got:.2f}x = {got / c['bound']:.2f} of it."
+    )
 
 
 _HOW = {"shm": "through host memory", "ipc": "device memory shared through CUDA IPC", "nccl": "NCCL"}
@@ -87,6 +123,17 @@ def _parts(b: dict[str, Any] | None) -> str:
     if not b:
         return "–"
     return " / ".join(f"{b[k]:.1f}" for k in PARTS)
+
+
+def _balance_note(name: str, row: dict[str, Any]) -> str | None:
+    """Every rank's compute per round beside the plan's segment costs (what an uneven split looks like)."""
+    ranks = sorted(((row.get("breakdown") or {}).items()), key=lambda kv: int(kv[0].split()[-1]))
+    if len(ranks) < 3 or not all(b for _, b in ranks):
+        return None
+    measured = " / ".join(f"{b['compute_ms']:.1f}" for _, b in ranks)
+    plan = row.get("segment_ms") or []
+    planned = " / ".join("–" if c is None else f"{c:.1f}" for c in plan) if plan else "–"
+    return f"{name}: compute per round by rank {measured} ms; the plan's segment costs {planned} ms."
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -133,7 +180,8 @@ def markdown(data: dict[str, Any]) -> str:
             each = ", ".join(f"{m:.3f}" for m in control["medians_s"])
             lines += ["", f"control: each process's median {each} s; mean {control['mean_s']:.3f} s (its row)."]
         notes = [f"{name}: {r['s_note']}" for name, r in e["variants"].items() if r.get("s_note")]
-        notes += [f"{name}: {note}" for name, note in (e.get("skipped") or {}).items()]
+        notes += [_balance_note(name, r) for name, r in e["variants"].items() if _balance_note(name, r)]
+        notes += [_cfg_note(name, r) for name, r in e["variants"].items() if _cfg_note(name, r)]
         if notes:
             lines += ["", *notes]
         lines.append("")

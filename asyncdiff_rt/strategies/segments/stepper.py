@@ -9,10 +9,21 @@ Note [step ordering]
     static store (runtime/buffers.py) and are replayed as fresh tensors, so the outputs replayed at step k are
     those of step k-1 however the glue writes in place. ε reaches every rank, so the scheduler step, CFG and
     callbacks run unchanged on every rank and the latents stay identical everywhere.
+
+Note [dead tail]
+    In a round, a rank whose segment does not produce the denoiser's output (every segment but the last) needs
+    nothing of its forward after its last owned block: its output is overwritten by the ε broadcast. Yet the
+    forward would go on through the rest of the glue (a UNet's up-path concatenations and GroupNorms at full
+    resolution, the output norm), on every such rank. So the last owned block raises `_SegmentDone` once its
+    output is recorded, and the forward returns a zero output of the right structure instead (`_dead`). Off
+    where the rest could matter: a LoRA scale other than 1 (diffusers unscales the LoRA layers at the end of the
+    forward), torch.compile, an owned block called twice, no trace. The sent outputs are unchanged, so results
+    are too.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -38,6 +49,25 @@ def _snapshot(output: Any) -> tuple[list[Any], Any]:
 
 def _clone_first(out: Any) -> Any:
     return replace_first_tensor(out, first_tensor(out).clone())
+
+
+def _container(out: Any) -> Any:
+    """A new container around the same tensors (tensors and tuples are never edited in place)."""
+    return out if isinstance(out, (torch.Tensor, tuple)) else copy.copy(out)
+
+
+class _SegmentDone(Exception):
+    """Raised by a rank's last owned block to end a forward whose remaining glue it does not need (Note [dead
+    tail])."""
+
+
+def _scaled_lora(bound: Any) -> bool:
+    """Whether the call asks for a LoRA scale other than 1 (`cross_attention_kwargs` / `joint_attention_kwargs` /
+    `attention_kwargs` with "scale"): diffusers undoes that scaling at the end of the forward."""
+    for name, value in bound.arguments.items():
+        if name.endswith("attention_kwargs") and isinstance(value, dict) and value.get("scale", 1.0) != 1.0:
+            return True
+    return False
 
 
 class SegmentStepper:
@@ -72,6 +102,9 @@ class SegmentStepper:
         self._recording: frozenset = frozenset()
         self._sequential = False
         self._fresh: dict[str, tuple[list[Any], Any]] = {}
+        self._exit_after: str | None = None  # the block whose output ends this forward (Note [dead tail])
+        self._last_owned: dict[int, str] = {}
+        self._dead: Any = None  # a zero output of the denoiser's structure (Note [dead tail]), per call signature
         self.reset()
 
     def reset(self) -> None:
@@ -95,8 +128,25 @@ class SegmentStepper:
             self.trace, layouts = trace_layouts(self.twin, self.plan.blocks, args, kwargs)
             self.views = make_views(self.plan, self.stride, self.rank_views, self.trace)
             self.store.allocate(layouts, set().union(*(v.needs for v in self.views)))
+        self._last_owned = self._tails()
+        self._dead = None
         self._shape_key = key
         return True
+
+    def _tails(self) -> dict[int, str]:
+        """Per view that may end its forward early (Note [dead tail]): its last owned block in call order."""
+        if self.trace is None or self.executor.compile:
+            return {}
+        order = {b: i for i, b in enumerate(self.trace.order)}
+        out = {}
+        for view in self.views:
+            owned = [b for b in view.owned if b in order]
+            if view.segment == self.model_n - 1 or not owned:
+                continue
+            if any(self.trace.blocks[b].calls != 1 for b in owned):
+                continue
+            out[view.rank] = max(owned, key=order.__getitem__)
+        return out
 
     # ------------------------------------------------------------------------------------------ interception
     def block_forward(self, name: str, original: Any):
@@ -108,6 +158,8 @@ class SegmentStepper:
                     self._fresh[name] = _snapshot(out)
                     if self._sequential:
                         self._send_now(name)
+                if name == self._exit_after:
+                    raise _SegmentDone
                 return out
             if self._sequential:
                 return self._receive_now(name)
@@ -140,15 +192,33 @@ class SegmentStepper:
             return replace_first_tensor(self.template, eps)
         return self._round(step, original, bound)
 
-    def _run(self, original: Any, view: View | None, recording: frozenset, args: tuple, kwargs: dict) -> Any:
-        """One forward of the denoiser as `view` sees it, through the executor (graphs, compile)."""
-        self._view, self._recording, self._fresh = view, recording, {}
+    def _run(
+        self, original: Any, view: View | None, recording: frozenset, args: tuple, kwargs: dict, exit_after=None
+    ) -> Any:
+        """One forward of the denoiser as `view` sees it, through the executor (graphs, compile); `exit_after`:
+        the block that ends it (Note [dead tail])."""
+        self._view, self._recording, self._fresh, self._exit_after = view, recording, {}, exit_after
+        fn = original if exit_after is None else self._until_done(original)
         try:
-            key = (view.rank if view is not None else None, recording)
-            out, self._fresh = self.executor.run(original, key, args, kwargs, self._fresh)
+            key = (view.rank if view is not None else None, recording, exit_after)
+            out, self._fresh = self.executor.run(fn, key, args, kwargs, self._fresh)
             return out
         finally:
-            self._view, self._recording = None, frozenset()
+            self._view, self._recording, self._exit_after = None, frozenset(), None
+
+    def _until_done(self, original: Any) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            except _SegmentDone:
+                return _container(self._dead)  # a new one: the caller replaces its first tensor
+
+        return forward
+
+    def _keep_dead(self, out: Any) -> None:
+        """A zero output of the structure of `out` (a full forward's), once per call signature."""
+        if self._dead is None:
+            self._dead = replace_first_tensor(_container(out), torch.zeros_like(first_tensor(out)))
 
     def _exact_step(self, k: int, original: Any, args: tuple, kwargs: dict) -> Any:
         """Warm-up: the whole denoiser, exactly. With all weights here every rank computes it all; with dropped
@@ -167,6 +237,7 @@ class SegmentStepper:
                 out = self._run(original, None, self.store.names() if last_warm_up else frozenset(), args, kwargs)
                 if last_warm_up:
                     self.store.keep(self._fresh)
+        self._keep_dead(out)
         eps = first_tensor(out).clone()  # the pipeline keeps ε (multistep schedulers): never hand out a buffer
         with self.timeline.span("ε", k, "comm"):
             self.transport.broadcast(eps, src=self.model_n - 1, step=k)
@@ -177,13 +248,17 @@ class SegmentStepper:
         fresh: dict[str, tuple[list[Any], Any]] = {}
         passed = bound.arguments["timestep"]
         tau = self.tau if isinstance(passed, torch.Tensor) else self.tau_values  # no host sync
+        early = self._dead is not None and not _scaled_lora(bound)
         for view in self.views:
+            exit_after = None
+            if early and view.rank not in (step.eps_rank, step.next_eps_rank):
+                exit_after = self._last_owned.get(view.rank)
             t = self.adapter.timestep_as_passed(tau[step.t_index[view.rank]], passed)
             args, kwargs = TimestepArg.substitute(bound, t)
             recording = frozenset(view.sends) if view.rank < self.model_n else frozenset()
             lane = "compute" if len(self.views) == 1 else f"view {view.rank}"
             with self.timeline.span("compute", step.k, lane):
-                out = self._run(original, view, recording, args, kwargs)
+                out = self._run(original, view, recording, args, kwargs, exit_after)
             outs[view.rank] = out if len(self.views) == 1 else _clone_first(out)  # a graph's output is reused
             fresh.update(self._fresh)
         if self.local:
