@@ -182,6 +182,7 @@ def markdown(data: dict[str, Any]) -> str:
         notes = [f"{name}: {r['s_note']}" for name, r in e["variants"].items() if r.get("s_note")]
         notes += [_balance_note(name, r) for name, r in e["variants"].items() if _balance_note(name, r)]
         notes += [_cfg_note(name, r) for name, r in e["variants"].items() if _cfg_note(name, r)]
+        notes += [f"{name}: {note}" for name, note in (e.get("skipped") or {}).items()]
         if notes:
             lines += ["", *notes]
         lines.append("")
