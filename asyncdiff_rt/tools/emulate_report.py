@@ -180,8 +180,8 @@ def markdown(data: dict[str, Any]) -> str:
             each = ", ".join(f"{m:.3f}" for m in control["medians_s"])
             lines += ["", f"control: each process's median {each} s; mean {control['mean_s']:.3f} s (its row)."]
         notes = [f"{name}: {r['s_note']}" for name, r in e["variants"].items() if r.get("s_note")]
-        notes += [_balance_note(name, r) for name, r in e["variants"].items() if _balance_note(name, r)]
-        notes += [_cfg_note(name, r) for name, r in e["variants"].items() if _cfg_note(name, r)]
+        for note_of in (_balance_note, _cfg_note):  # each made once per variant; None where it does not apply
+            notes += [n for n in (note_of(name, r) for name, r in e["variants"].items()) if n]
         notes += [f"{name}: {note}" for name, note in (e.get("skipped") or {}).items()]
         if notes:
             lines += ["", *notes]
