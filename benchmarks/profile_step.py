@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from asyncdiff_rt.tools.bench import setup_single  # noqa: E402
+from asyncdiff_rt.tools.bench_setup import model_dtype  # noqa: E402
 
 
 def _busy_us(events: list) -> float:
@@ -53,7 +54,10 @@ def profile_variant(model: str, variant: str, steps: int, top: int) -> dict:
         wall = time.perf_counter() - t0
     busy_ms = _busy_us(prof.events()) / 1000
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
-    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    averages = prof.key_averages()
+    ops = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    # GPU side: what runs, inside graph replays too (a variant's extra work shows as kernels the other lacks)
+    kernels = sorted((e for e in averages if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
     del pipe
     torch.cuda.empty_cache()
     return {
@@ -63,6 +67,15 @@ def profile_variant(model: str, variant: str, steps: int, top: int) -> dict:
         "top_cpu_ops": [
             {"name": e.key, "calls": e.count, "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps} for e in ops
         ],
+        "top_gpu_ops": [
+            {
+                "name": e.key,
+                "calls_per_step": e.count / steps,
+                "gpu_ms_per_step": e.self_device_time_total / 1000 / steps,
+            }
+            for e in kernels[:top]
+        ],
+        "gpu_ops_per_step": sum(e.count for e in kernels) / steps,
         "table": table,
         "note": "wall includes profiler overhead; compare variants within this file only",
     }
@@ -87,6 +100,7 @@ def main() -> int:
             "model": args.model,
             "steps": args.steps,
             "device": device,
+            "dtype": str(model_dtype(args.model, "cuda")).replace("torch.", ""),
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
             "date": datetime.date.today().isoformat(),
@@ -101,7 +115,7 @@ def main() -> int:
             json.dump(data, f, indent=2)
     meta = data["meta"]
     lines = [
-        f"# Step profile: {meta['model']}, {meta['steps']} steps profiled, fp16, batch 2 — {meta['device']}",
+        f"# Step profile: {meta['model']}, {meta['steps']} steps profiled, {meta['dtype']} — {meta['device']}",
         "",
         f"torch {meta['torch']}, diffusers {meta['diffusers']}, {meta['date']}. One profiled call after two warm "
         "calls; wall includes the profiler's own overhead, so compare rows with each other only.",
@@ -116,7 +130,11 @@ def main() -> int:
             f"{r['gpu_idle_ms_per_step']:.2f} | {op['name']} ({op['self_cpu_ms_per_step']:.2f}) |"
         )
     for name, r in data["variants"].items():
-        lines += ["", f"## {name}", "", "```", r["table"], "```"]
+        gpu = "; ".join(
+            f"{o['name'][:50]} {o['gpu_ms_per_step']:.2f} ({o['calls_per_step']:g}x)" for o in r["top_gpu_ops"]
+        )
+        lines += ["", f"## {name}", "", f"GPU ops per step: {r['gpu_ops_per_step']:.0f}; largest (ms/step): {gpu}"]
+        lines += ["", "```", r["table"], "```"]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[: 6 + len(data["variants"])]))

@@ -214,3 +214,33 @@ def test_a_layer_it_cannot_split_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"down_blocks\.0\.downsamplers\.0\.conv: .*padding 0.*F\.pad"):
         PatchParallel(pipe)
     assert _no_hooks(pipe)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_group_norm_is_the_explicit_one_rounded_once(dtype):
+    """The fused half-precision GroupNorm (Welford moments, batch_norm with the groups' statistics) against the
+    explicit float64 form the simulator uses, on the same half input: off by the dtype's rounding only, stale
+    statistics and a non-affine norm included (a wrong group-to-channel repeat would be off by whole units)."""
+    from asyncdiff_rt.strategies.patches.layers import _moments, _normalise
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 32, 12, 10, generator=g) * 3 + torch.arange(32.0)[:, None, None]).to(dtype)
+    for affine in (True, False):
+        norm = torch.nn.GroupNorm(8, 32, affine=affine)
+        if affine:
+            torch.nn.init.normal_(norm.weight, generator=g)
+            torch.nn.init.normal_(norm.bias, generator=g)
+        own, var = _moments(x, 8)
+        wide = x.double().reshape(2, 8, -1)
+        assert torch.allclose(own[0].double(), wide.mean(-1), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(own[1].double(), wide.square().mean(-1), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(var.double(), wide.var(-1, unbiased=False), rtol=1e-5, atol=1e-5)
+        mean, stale_var = own[0] + 0.5, var * 1.5  # statistics other than the input's own (stale, combined)
+        got = _normalise(x, norm.to(dtype), mean, stale_var)
+        want = (wide - mean.double()[..., None]) * torch.rsqrt(stale_var.double()[..., None] + norm.eps)
+        want = want.reshape(x.shape)
+        if affine:
+            want = want * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None]
+        assert got.dtype == dtype and got.shape == x.shape
+        scale = want.abs().max().item()
+        assert (got.double() - want).abs().max().item() <= 2 * torch.finfo(dtype).eps * scale

@@ -88,6 +88,14 @@ class PatchExchange:
         self._calls[name] = index + 1
         return (name, index)
 
+    def own_slot(self, key: tuple, region: str) -> torch.Tensor | None:
+        """Where `share` will put this step's own `region` value at point `key`, for a layer that can make it there
+        in place (K/V: one copy fewer of the largest values); None before the layout exists or when this step keeps
+        no own values (`no_sync`)."""
+        if not self.frozen or not self.policy.writes_own or key not in self.entries:
+            return None
+        return self.mine[self.policy.step % 2][key].get(region)
+
     def share(self, key: tuple, own: dict[str, torch.Tensor], fresh: bool, full_bytes: int = 0) -> tuple[dict, dict]:
         """Publish this rank's `own` region values at point `key`; return (own, others): own[region] is this
         rank's value (this step's when fresh, else the stale one), others[region][peer] the peer's value (of
@@ -104,7 +112,9 @@ class PatchExchange:
             )
         if self.policy.writes_own:
             for region, value in own.items():
-                self.mine[slot][key][region].copy_(value)
+                dst = self.mine[slot][key][region]
+                if value.data_ptr() != dst.data_ptr():  # not made in place (`own_slot`)
+                    dst.copy_(value)
         if fresh:
             if self.world > 1:
                 sends = {q: [self.mine[slot][key][r] for r in own if r in self.wanted_from_me(q)] for q in self.peers}

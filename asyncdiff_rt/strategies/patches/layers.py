@@ -88,9 +88,51 @@ def halo_conv_forward(ex: PatchExchange, name: str, conv: torch.nn.Conv2d, origi
 # ---- GroupNorm ------------------------------------------------------------------------------------------------------
 
 
-def _widened(x: torch.Tensor, groups: int) -> torch.Tensor:
-    # Half-precision moments accumulate in float32, as torch's GroupNorm does; float64 stays float64.
-    return x.reshape(x.shape[0], groups, -1).to(torch.promote_types(x.dtype, torch.float32))
+# Half precision takes fused kernels: the explicit float32 form made ~10 passes over every feature map, the bulk of
+# what the exchanged modes cost over no_sync (2048 px SDXL: the corrected_async_gn step at 1.105x the no_sync step,
+# 1.026x fused). float32 and float64 keep the explicit form, the simulator's own arithmetic: corrected_async_gn is
+# ill-conditioned (var = E[x^2] - E[x]^2 of stale moments, and the fallback below switches at var = 0), so even
+# float64 only matches the simulator to 1e-8 where both round alike (H200: 9.5e-7 with Welford moments).
+_FUSED = (torch.float16, torch.bfloat16)
+
+
+def _moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This patch's per-group (E[x], E[x^2]) stacked, (2, batch, groups), and its biased variance. Half precision
+    accumulates in float32, as torch's GroupNorm does (one Welford pass); float64 stays float64."""
+    flat = x.reshape(x.shape[0], groups, -1).to(torch.promote_types(x.dtype, torch.float32))
+    if x.dtype in _FUSED:
+        var, mean = torch.var_mean(flat, dim=-1, correction=0)
+        return torch.stack([mean, var + mean.square()]), var
+    return torch.stack([flat.mean(-1), flat.square().mean(-1)]), flat.var(-1, unbiased=False)
+
+
+def _normalise(x: torch.Tensor, norm: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias per group, in the statistics' precision. Half precision: one
+    fused kernel, batch_norm in inference mode over (1, batch x channels) with each group's statistics repeated
+    over its channels (it reads the input once and rounds once)."""
+    batch, channels = x.shape[0], x.shape[1]
+    stat = mean.dtype
+    if x.dtype not in _FUSED:
+        flat = x.reshape(batch, norm.num_groups, -1).to(stat)
+        y = ((flat - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
+        if norm.affine:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            y = y * norm.weight.to(y.dtype).reshape(shape) + norm.bias.to(y.dtype).reshape(shape)
+        return y.to(x.dtype)
+    per_group = channels // norm.num_groups
+    weight = bias = None
+    if norm.affine:
+        weight, bias = norm.weight.to(stat).repeat(batch), norm.bias.to(stat).repeat(batch)
+    y = F.batch_norm(
+        x.reshape(1, batch * channels, -1),
+        mean.repeat_interleave(per_group, dim=1).reshape(-1),
+        var.repeat_interleave(per_group, dim=1).reshape(-1),
+        weight,
+        bias,
+        training=False,
+        eps=norm.eps,
+    )
+    return y.reshape(x.shape)
 
 
 def group_norm_forward(ex: PatchExchange, name: str, norm: torch.nn.GroupNorm, original: Callable) -> Callable:
@@ -98,8 +140,7 @@ def group_norm_forward(ex: PatchExchange, name: str, norm: torch.nn.GroupNorm, o
         rule = ex.policy.norm_rule
         if rule == "own" or ex.world == 1:
             return original(x)
-        flat = _widened(x, norm.num_groups)
-        own = torch.stack([flat.mean(-1), flat.square().mean(-1)])  # (2, batch, groups): E[x], E[x^2]
+        own, own_var = _moments(x, norm.num_groups)  # own: (2, batch, groups): E[x], E[x^2]
         then, others = ex.share(
             ex.point(name), {"gn": own}, fresh=rule == "exact", full_bytes=x.numel() * x.element_size()
         )
@@ -113,13 +154,9 @@ def group_norm_forward(ex: PatchExchange, name: str, norm: torch.nn.GroupNorm, o
         mean, var = moments[0], moments[1] - moments[0].square()
         if rule == "exact":
             var = var.clamp_min(0)  # negative only by rounding, for near-constant groups
-        else:  # a stale combination can come out negative: the own patch's fresh (two-pass) variance then
-            var = torch.where(var < 0, flat.var(-1, unbiased=False), var)
-        y = ((flat - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
-        if norm.affine:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * norm.weight.to(y.dtype).reshape(shape) + norm.bias.to(y.dtype).reshape(shape)
-        return y.to(x.dtype)
+        else:  # a stale combination can come out negative: the own patch's fresh variance then
+            var = torch.where(var < 0, own_var, var)
+        return _normalise(x, norm, mean, var)
 
     return forward
 
@@ -142,9 +179,13 @@ def self_attention_forward(ex: PatchExchange, name: str, attn: Any, original: Ca
             )
         batch = hidden_states.shape[0]
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        own = torch.stack([k, v])  # (2, batch, tokens, inner)
+        point = ex.point(name)
+        slot = ex.own_slot(point, "kv")
+        # (2, batch, tokens, inner), made straight in the exchange slot where there is one
+        fits = slot is not None and slot.shape == (2, *k.shape) and slot.dtype == k.dtype
+        own = torch.stack([k, v], out=slot) if fits else torch.stack([k, v])
         _, others = ex.share(
-            ex.point(name),
+            point,
             {"kv": own},
             fresh=source == "fresh",
             full_bytes=hidden_states.numel() * hidden_states.element_size(),
