@@ -41,9 +41,11 @@ def markdown(data: dict[str, Any], order: tuple[str, ...]) -> str:
             continue
         med = r["median_s"]
         peak = r.get("peak_mem_gib")
+        vs_eager = f"{base / med:.2f}x" if base else "–"  # a baseline not measured in this file
+        vs_floor = f"{floor / med:.3f}" if floor else "–"
         lines.append(
             f"| {name} | {med:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | {med / meta['steps'] * 1000:.2f} | "
-            f"{base / med if base else nan:.2f}x | {floor / med if floor else nan:.3f} | {r['first_call_s']:.1f} | "
+            f"{vs_eager} | {vs_floor} | {r['first_call_s']:.1f} | "
             f"{'–' if peak is None else f'{peak:.1f}'} | {r.get('max_abs_vs_eager', nan):.3g} |"
         )
     ours1 = rows.get("ours_n1", {}).get("median_s")
