@@ -170,7 +170,7 @@ def test_real_architectures_block_counts():
     sdxl = pt.build_unet("sdxl", device="meta")
     assert len(candidate_blocks(sdxl, "coarse")) == 32
     fine = candidate_blocks(sdxl, "fine")
-    assert len(fine) == 115
+    assert len(fine) == 126  # 115 parts + the input GroupNorm of each of the 11 attention models
     assert "down_blocks.2.attentions.1.transformer_blocks.9" in fine
     assert "mid_block.attentions.0.transformer_blocks.9" in fine
     sd21 = pt.build_unet("sd21", device="meta")
@@ -195,13 +195,15 @@ def test_trace_edges_hand_checked_sd():
     trace = trace_denoiser(model, args, kwargs, candidate_blocks(model))
     # 32 channels at 16x16, fp32, batch 2
     full = 2 * 32 * 16 * 16 * 4
-    # resnet -> proj_in through the Transformer2DModel's norm (replicated glue); proj_in -> transformer block
-    e = trace.edge("down_blocks.0.resnets.0", "down_blocks.0.attentions.0.proj_in")
+    # resnet -> the Transformer2DModel's input norm -> proj_in (through the layout glue) -> transformer block
+    e = trace.edge("down_blocks.0.resnets.0", "down_blocks.0.attentions.0.norm")
     assert e is not None and e.nbytes == full and e.shapes == [[2, 32, 16, 16]] and e.dtypes == ["float32"]
+    assert trace.edge("down_blocks.0.attentions.0.norm", "down_blocks.0.attentions.0.proj_in").nbytes == full
+    assert trace.edge("down_blocks.0.resnets.0", "down_blocks.0.attentions.0.proj_in") is None
     assert trace.edge("down_blocks.0.attentions.0.proj_in", "down_blocks.0.attentions.0.transformer_blocks.0")
     # the Transformer2DModel's residual: the resnet's output also reaches the downsampler
     assert trace.consumers("down_blocks.0.resnets.0") == {
-        "down_blocks.0.attentions.0.proj_in",
+        "down_blocks.0.attentions.0.norm",
         "down_blocks.0.downsamplers.0",
         "up_blocks.1.resnets.0",  # the skip connection, through res_samples slicing and torch.cat in the up block
     }
@@ -215,7 +217,8 @@ def test_trace_edges_hand_checked_sd():
     # the timestep reaches every resnet through the replicated time embedding
     assert trace.edge(INPUT, "mid_block.resnets.1").leaves == [1]
     # needed_by: the up resnet needs its predecessor and the skip, which is the attention's proj_out plus the
-    # Transformer2DModel's residual (the down resnet's output)
+    # Transformer2DModel's residual (the down resnet's output); not the attention's norm, which a rank that only
+    # replays that attention model therefore skips
     assert trace.needed_by({"up_blocks.1.resnets.0"}) == {
         "up_blocks.0.upsamplers.0",
         "down_blocks.0.attentions.0.proj_out",

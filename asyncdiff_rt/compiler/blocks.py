@@ -14,11 +14,14 @@ Granularities
 ``"fine"`` (default): the same, but every attention model inside a UNet (anything holding a ``transformer_blocks``
 ModuleList: ``Transformer2DModel``, ``TransformerSpatioTemporalModel``, AnimateDiff motion modules,
 ``TransformerTemporalModel``) is opened, and the mid block is split into its parts. An opened attention model
-contributes ``<name>.proj_in``, each ``<name>.transformer_blocks.k`` (interleaved by index with any other block
-list it holds, e.g. ``temporal_transformer_blocks.k``) and ``<name>.proj_out`` as blocks of their own. We list
-proj_in/proj_out rather than replicate them: at SDXL-1024 they are ~1% of the step (about 150 GFLOP at batch 2),
-which every rank would pay again at n=8. Its ``norm`` (a GroupNorm), ``time_pos_embed``/``time_mixer`` and the
-residual add stay replicated glue (cheap, memory-bound, few weights).
+contributes its input ``<name>.norm`` (a GroupNorm), ``<name>.proj_in``, each ``<name>.transformer_blocks.k``
+(interleaved by index with any other block list it holds, e.g. ``temporal_transformer_blocks.k``) and
+``<name>.proj_out`` as blocks of their own. We list proj_in/proj_out rather than replicate them: at SDXL-1024 they
+are ~1% of the step (about 150 GFLOP at batch 2), which every rank would pay again at n=8. The norm is listed
+because a forward that replays a block still runs the glue that feeds it: as glue it ran on every rank whose
+forward passes the attention model, and the ε rank's forward passes them all (benchmarks/rank_glue.py: the largest
+glue operator on that rank, SD2.1 n = 3). As a block, a rank that replays the model skips it (nothing reads its
+output there). ``time_pos_embed``/``time_mixer``, the layout copies and the residual add stay replicated glue.
 
 Order is the call order as known from the structure of diffusers' blocks; the tracer (``trace.trace_denoiser``)
 records the true order and ``plan_for`` uses that one.
@@ -53,8 +56,11 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _open_attention_model(module: nn.Module, prefix: str) -> list[str]:
-    """proj_in, the transformer blocks (lists interleaved by index), proj_out."""
+    """The input GroupNorm, proj_in, the transformer blocks (lists interleaved by index), proj_out."""
     out: list[str] = []
+    norm = getattr(module, "norm", None)
+    if isinstance(norm, nn.GroupNorm) and _has_params(norm):
+        out.append(_join(prefix, "norm"))
     proj_in = getattr(module, "proj_in", None)
     if isinstance(proj_in, nn.Module) and _has_params(proj_in):
         out.append(_join(prefix, "proj_in"))
