@@ -70,7 +70,7 @@ def attribute(events, cuda: bool) -> dict[str, dict]:
         if event.name.startswith("cat:"):
             category = event.name[4:]  # the innermost mark wins: a snapshot inside an owned call is a snapshot
         us = sum(k.duration for k in event.kernels) if cuda else event.self_cpu_time_total
-        if us:
+        if us and not event.name.startswith(("view:", "cat:")):  # a mark's own (host) time is not an operator's
             if category is None:
                 view["glue"] += us
                 view["glue_ops"][event.name] += us

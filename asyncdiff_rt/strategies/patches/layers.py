@@ -96,14 +96,24 @@ def halo_conv_forward(ex: PatchExchange, name: str, conv: torch.nn.Conv2d, origi
 _FUSED = (torch.float16, torch.bfloat16)
 
 
-def _moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This patch's per-group (E[x], E[x^2]) stacked, (2, batch, groups), and its biased variance. Half precision
-    accumulates in float32, as torch's GroupNorm does (one Welford pass); float64 stays float64."""
-    flat = x.reshape(x.shape[0], groups, -1).to(torch.promote_types(x.dtype, torch.float32))
+def _widened(x: torch.Tensor, groups: int) -> torch.Tensor:
+    # Half-precision moments accumulate in float32, as torch's GroupNorm does; float64 stays float64.
+    return x.reshape(x.shape[0], groups, -1).to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This patch's per-group (E[x], E[x^2]) stacked, (2, batch, groups), and, in half precision, its biased
+    variance from the same Welford pass (None otherwise: computed where it is needed, `_own_var`)."""
+    flat = _widened(x, groups)
     if x.dtype in _FUSED:
         var, mean = torch.var_mean(flat, dim=-1, correction=0)
         return torch.stack([mean, var + mean.square()]), var
-    return torch.stack([flat.mean(-1), flat.square().mean(-1)]), flat.var(-1, unbiased=False)
+    return torch.stack([flat.mean(-1), flat.square().mean(-1)]), None
+
+
+def _own_var(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The patch's own biased variance per group, two-pass (the explicit form's)."""
+    return _widened(x, groups).var(-1, unbiased=False)
 
 
 def _normalise(x: torch.Tensor, norm: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -113,7 +123,7 @@ def _normalise(x: torch.Tensor, norm: torch.nn.GroupNorm, mean: torch.Tensor, va
     batch, channels = x.shape[0], x.shape[1]
     stat = mean.dtype
     if x.dtype not in _FUSED:
-        flat = x.reshape(batch, norm.num_groups, -1).to(stat)
+        flat = _widened(x, norm.num_groups).to(stat)
         y = ((flat - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)).reshape(x.shape)
         if norm.affine:
             shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -155,7 +165,7 @@ def group_norm_forward(ex: PatchExchange, name: str, norm: torch.nn.GroupNorm, o
         if rule == "exact":
             var = var.clamp_min(0)  # negative only by rounding, for near-constant groups
         else:  # a stale combination can come out negative: the own patch's fresh variance then
-            var = torch.where(var < 0, own_var, var)
+            var = torch.where(var < 0, own_var if own_var is not None else _own_var(x, norm.num_groups), var)
         return _normalise(x, norm, mean, var)
 
     return forward
