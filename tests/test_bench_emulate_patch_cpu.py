@@ -117,14 +117,14 @@ class _Recorder:
     name = "recorder"
 
     def __init__(self):
-        self.prepared, self.exchanged = None, []
+        self.prepared, self.exchanged = [], []
 
     @staticmethod
     def _sizes(d):
         return {q: [t.numel() * t.element_size() for t in ts] for q, ts in d.items()}
 
     def prepare(self, sends, recvs):
-        self.prepared = (self._sizes(sends), self._sizes(recvs))
+        self.prepared.append((self._sizes(sends), self._sizes(recvs)))
 
     def exchange(self, step, sends, recvs):
         self.exchanged.append((self._sizes(sends), self._sizes(recvs)))
@@ -139,20 +139,22 @@ def test_prepare_transport_announces_the_packed_exchange(rank):
         ex.begin_step(policy)
         x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
         ex.share(ex.point("conv"), {"top": x[..., :1, :], "bottom": x[..., -1:, :]}, fresh=fresh)
-        ex.share(ex.point("attn"), {"kv": torch.randn(2, 2, 6, 8)}, fresh=fresh)
+        ex.share(ex.point("attn"), {"kv": torch.randn(6, 2, 2, 8)}, fresh=fresh)
         ex.share(ex.point("norm"), {"gn": torch.randn(2, 2, 4, dtype=torch.float64)}, fresh=fresh)
-        ex.end_step()
+        ex.end_step(torch.randn(2, 4, 3, 8))  # the output rows
 
     forward(StepPolicy("stale_gn", 1, 0), fresh=True)  # exact: registers and freezes
     steady = StepPolicy("stale_gn", 1, 1)
     ex.prepare_transport(steady.packed_regions)
     t.exchanged.clear()
     forward(steady, fresh=False)
-    assert t.exchanged == [t.prepared]  # the one packed exchange after the forward, exactly as announced
-    sends, _ = t.prepared
-    assert set(sends) == {q for q in range(3) if q != rank}
+    # the two closing exchanges after the forward (rows + halos + moments, then K/V), exactly as announced
+    assert t.exchanged == t.prepared and len(t.prepared) == 2
+    (sends, _), (kv_sends, _) = t.prepared
+    assert set(sends) == set(kv_sends) == {q for q in range(3) if q != rank}
+    assert all(sizes == [6 * 2 * 2 * 8 * 4] for sizes in kv_sends.values())  # each peer: this patch's K/V part
     ex.prepare_transport(())
-    assert t.exchanged == [t.prepared]  # nothing to announce without packed regions (no call recorded)
+    assert t.exchanged == t.prepared  # nothing to announce without packed regions (no call recorded)
 
 
 # ---------------------------------------------------------------------------------------------- report

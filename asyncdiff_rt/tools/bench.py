@@ -193,15 +193,19 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def setup_single(model: str, variant: str, steps: int, device: str | None = None) -> tuple[Any, dict]:
-    """The pipeline of a one-process variant, prepared as the variant says, and its call's keyword arguments."""
+def setup_single(
+    model: str, variant: str, steps: int, device: str | None = None, fresh: bool = True
+) -> tuple[Any, dict]:
+    """The pipeline of a one-process variant, prepared as the variant says, and its call's keyword arguments.
+    `fresh`: free the previous variant's pipeline and compiled code first (False: keep them, to run side by side)."""
     import asyncdiff_rt
 
     from ..models.denoiser import find_denoiser
 
     if variant not in VARIANTS or parse_multi(variant) is not None:
         raise ValueError(f"{variant!r} is not a one-process variant ({', '.join(VARIANTS[:6])})")
-    _free()
+    if fresh:
+        _free()
     pipe, call = bench_pipeline(model, device or _device(), steps)
     kwargs = {**call, "generator": torch.Generator("cpu").manual_seed(0)}
     _, den = find_denoiser(pipe)  # pipe.unet or pipe.transformer (SD3, SD3.5, FLUX.1)

@@ -13,6 +13,24 @@ and the others' arrive in `theirs[k % 2][peer]`, either at the point (fresh, blo
 exchange after the forward (stale: step k+1 reads them). Step k reads stale values from `read_slot` = the slot of
 step k-1 (`no_sync`: of step W-1), which nothing writes during step k, so the next exchange never races the
 reads. The buffers keep their addresses for the life of a signature, as CUDA-graph capture will need.
+
+Note [kv slots]: self-attention reads every patch's keys and values as one tensor, so K/V are not laid out with the
+other regions: each point's slot holds one buffer (P, tokens, batch, 2, inner) whose part p is patch p's (this
+rank's part is its `mine`, the others' their `theirs`), and attention reads it whole as P x tokens keys, with no
+concatenation. Own K/V therefore go into the buffer whose other parts hold what this step reads: an exact step's
+(`kv_slot` = k % 2, filled by the fresh exchange), a stale step's the read slot's (step k-1's values, W-1's
+under `no_sync`). A stale step's own K/V are sent from there; the packed exchange after step k still receives
+into slot k % 2, which step k+1 reads and writes. The own part overwritten is never read (own K/V are always
+fresh) and has been sent before step k+1 reads the slot (Note [deferred K/V]).
+
+Note [deferred K/V]: K/V are most of what a stale step sends (SDXL 2048 px, P = 2: 1.68 GB of 1.69), and the next
+step first reads them at its first self-attention, after the outermost resnets; halos and moments are read at
+once. So the closing exchange after step k is two: the output rows with the halos and moments, which the caller's
+stream waits for (the pipeline needs ε), then K/V on a side stream (transport/deferred.py), which step k+1 waits
+for at its first stale K/V read, also as a node of its CUDA graph. That wait also orders step k+1's own K/V writes
+after the send of the slot they overwrite, and the next closing exchange after this one (the transports' streams
+run in issue order). Not yet run on a GPU: on only with graphs.UNVERIFIED_OVERLAP_ENV=1 (else the caller's
+stream waits for K/V at once, as before).
 """
 
 from __future__ import annotations
@@ -22,6 +40,8 @@ from typing import Any
 
 import torch
 
+from ...transport.deferred import DeferredExchange
+from .graphs import overlap_enabled
 from .modes import StepPolicy
 
 __all__ = ["REGIONS", "PatchExchange"]
@@ -54,10 +74,13 @@ class PatchExchange:
         self._flat_mine: list[dict] = [{}, {}]  # [slot][dtype] -> flat buffer (after freezing)
         self._flat_theirs: list[dict] = [{}, {}]  # [slot][peer][dtype]
         self._spans: dict[torch.dtype, dict[str, tuple[int, int]]] = {}  # dtype -> region -> (start, end)
+        self._kv: list[dict] = [{}, {}]  # [slot][point] -> (P, *own K/V shape), every patch's (Note [kv slots])
         self.policy = StepPolicy("full_sync", 1, 0)
         self.read_slot = 0
         self._calls: dict[str, int] = {}
         self._gather: dict | None = None
+        self._kv_transfer = DeferredExchange(transport, device, overlap_enabled())  # Note [deferred K/V]
+        self._kv_awaited = False
 
     @property
     def peers(self) -> list[int]:
@@ -81,6 +104,7 @@ class PatchExchange:
     def begin_step(self, policy: StepPolicy) -> None:
         self.policy = policy
         self._calls = {}
+        self._kv_awaited = False
 
     def point(self, name: str) -> tuple:
         """The exchange point of this call of module `name` (a module called twice per forward has two)."""
@@ -88,13 +112,17 @@ class PatchExchange:
         self._calls[name] = index + 1
         return (name, index)
 
-    def own_slot(self, key: tuple, region: str) -> torch.Tensor | None:
-        """Where `share` will put this step's own `region` value at point `key`, for a layer that can make it there
-        in place (K/V: one copy fewer of the largest values); None before the layout exists or when this step keeps
-        no own values (`no_sync`)."""
-        if not self.frozen or not self.policy.writes_own or key not in self.entries:
+    @property
+    def kv_slot(self) -> int:
+        """The slot whose K/V buffers this step's self-attention reads and writes its own K/V into (Note [kv slots])."""
+        return self.policy.step % 2 if self.policy.exact else self.read_slot
+
+    def kv_buffer(self, key: tuple) -> torch.Tensor | None:
+        """Every patch's K/V at point `key` for this step, (P, tokens, batch, 2, inner): the layer writes its own
+        part in place and reads the whole (Note [kv slots]); None before the layout exists."""
+        if not self.frozen or key not in self._kv[0]:
             return None
-        return self.mine[self.policy.step % 2][key].get(region)
+        return self._kv[self.kv_slot][key]
 
     def share(self, key: tuple, own: dict[str, torch.Tensor], fresh: bool, full_bytes: int = 0) -> tuple[dict, dict]:
         """Publish this rank's `own` region values at point `key`; return (own, others): own[region] is this
@@ -112,10 +140,10 @@ class PatchExchange:
             )
         if self.policy.writes_own:
             for region, value in own.items():
-                dst = self.mine[slot][key][region]
-                if value.data_ptr() != dst.data_ptr():  # not made in place (`own_slot`)
+                dst = self.mine[self.kv_slot if region == "kv" else slot][key][region]
+                if value.data_ptr() != dst.data_ptr():  # not made in place (`kv_buffer`)
                     dst.copy_(value)
-        if fresh:
+        if fresh:  # K/V fresh only on exact steps, where kv_slot = slot
             if self.world > 1:
                 sends = {q: [self.mine[slot][key][r] for r in own if r in self.wanted_from_me(q)] for q in self.peers}
                 recvs = {q: [self.theirs[slot][q][key][r] for r in own if r in self.wanted_of(q)] for q in self.peers}
@@ -123,43 +151,55 @@ class PatchExchange:
             read = slot
         else:
             read = self.read_slot
+            if "kv" in own and not self._kv_awaited:  # the first stale K/V read of the step (Note [deferred K/V])
+                self._kv_transfer.await_received()
+                self._kv_awaited = True
         others = {r: {q: self.theirs[read][q][key][r] for q in self.peers if r in self.wanted_of(q)} for r in own}
-        return {r: self.mine[read][key][r] for r in own}, others
+        return {r: self.mine[self.kv_slot if r == "kv" else read][key][r] for r in own}, others
 
-    def end_step(self) -> None:
-        """After the forward: the one packed exchange of this step's stale values (Note [slots]); freeze the
-        layout after the first step of a signature."""
+    def end_step(self, rows: torch.Tensor) -> torch.Tensor:
+        """After the forward: every patch's output `rows` on every rank, in row order (axis -2), and the packed
+        exchange of this step's stale values (Note [slots]): halos and moments with the rows, synchronously; K/V
+        behind them, waited for where step k+1 first reads them (Note [deferred K/V]). The first step of a
+        signature freezes the layout."""
         slot = self.policy.step % 2
         if not self.frozen:
             self._freeze()
-        regions = self.policy.packed_regions
-        if regions and self.world > 1:
-            sends = {q: self._spans_of(self._flat_mine[slot], self.wanted_from_me(q), regions) for q in self.peers}
-            recvs = {q: self._spans_of(self._flat_theirs[slot][q], self.wanted_of(q), regions) for q in self.peers}
+        if self.world > 1:
+            rows = rows.contiguous()
+            if self._gather is None or self._gather[self.peers[0]].shape != rows.shape:
+                self._gather = {q: torch.empty_like(rows) for q in self.peers}
+            regions = self.policy.packed_regions
+            sends, recvs, kv_sends, kv_recvs = self._closing(slot, self.kv_slot, regions, rows)
             self.transport.exchange(self.policy.step, sends, recvs)
+            if "kv" in regions:
+                self._kv_transfer.exchange(self.policy.step, kv_sends, kv_recvs)
+            rows = torch.cat([rows if q == self.rank else self._gather[q] for q in range(self.world)], dim=-2)
         if self.policy.writes_own:
             self.read_slot = slot
+        return rows
 
     def prepare_transport(self, regions: tuple[str, ...]) -> None:
-        """Size the transport for the packed exchange of `regions` before a CUDA graph bakes its channels in:
+        """Size the transport for the closing exchanges of `regions` before a CUDA graph bakes its channels in:
         shm replaces a channel that a message outgrows, and a captured op would keep writing the old one."""
-        if not self.frozen or self.world == 1 or not regions:
+        if not self.frozen or self.world == 1 or not regions or self._gather is None:
             return
-        sends = {q: self._spans_of(self._flat_mine[0], self.wanted_from_me(q), regions) for q in self.peers}
-        recvs = {q: self._spans_of(self._flat_theirs[0][q], self.wanted_of(q), regions) for q in self.peers}
-        self.transport.prepare({q: v for q, v in sends.items() if v}, {q: v for q, v in recvs.items() if v})
+        sends, recvs, kv_sends, kv_recvs = self._closing(0, 0, regions, self._gather[self.peers[0]])
+        for s, r in ((sends, recvs), (kv_sends, kv_recvs)):
+            self.transport.prepare({q: v for q, v in s.items() if v}, {q: v for q, v in r.items() if v})
 
-    def gather_rows(self, own: torch.Tensor) -> torch.Tensor:
-        """Every patch's output rows on every rank, in row order (axis -2), synchronously."""
-        if self.world == 1:
-            return own
-        own = own.contiguous()
-        if self._gather is None or self._gather[self.peers[0]].shape != own.shape:
-            self._gather = {q: torch.empty_like(own) for q in self.peers}
-        self.transport.exchange(
-            self.policy.step, {q: [own] for q in self.peers}, {q: [self._gather[q]] for q in self.peers}
-        )
-        return torch.cat([own if q == self.rank else self._gather[q] for q in range(self.world)], dim=-2)
+    def _closing(self, slot: int, kv_slot: int, regions: tuple[str, ...], rows: torch.Tensor) -> tuple:
+        """The lists per peer of a step's closing exchanges: (sends, receives) of the rows, then the flat spans of
+        `regions` (into `slot`); (sends, receives) of each point's K/V part in registration order (sent from
+        `kv_slot`, Note [kv slots]), empty unless "kv" is in `regions`."""
+        sends, recvs, kv_sends, kv_recvs = {}, {}, {}, {}
+        kv = "kv" in regions
+        for q in self.peers:
+            sends[q] = [rows] + self._spans_of(self._flat_mine[slot], self.wanted_from_me(q), regions)
+            recvs[q] = [self._gather[q]] + self._spans_of(self._flat_theirs[slot][q], self.wanted_of(q), regions)
+            kv_sends[q] = [whole[self.rank] for whole in self._kv[kv_slot].values()] if kv else []
+            kv_recvs[q] = [whole[q] for whole in self._kv[slot].values()] if kv else []
+        return sends, recvs, kv_sends, kv_recvs
 
     # ---- layout -----------------------------------------------------------------------------------------------------
     def _register(self, key: tuple, own: dict[str, torch.Tensor], full_bytes: int) -> None:
@@ -173,27 +213,41 @@ class PatchExchange:
                 self.theirs[slot][q][key] = {r: torch.empty_like(v) for r, v in own.items()}
 
     def _freeze(self) -> None:
-        """Lay every point's values out flat, region-major per dtype, and move the first step's values there."""
+        """Lay every point's values out flat, region-major per dtype, K/V apart (Note [kv slots]), and move the
+        first step's values there."""
         sizes: dict[torch.dtype, int] = {}
-        for dtype in {e.dtype for entries in self.entries.values() for e in entries.values()}:
+        for dtype in {e.dtype for entries in self.entries.values() for r, e in entries.items() if r != "kv"}:
             start, spans = 0, {}
             for region in REGIONS:
                 begin = start
                 for entries in self.entries.values():
                     entry = entries.get(region)
-                    if entry is not None and entry.dtype == dtype:
+                    if region != "kv" and entry is not None and entry.dtype == dtype:
                         entry.offset, start = start, start + entry.numel
                 spans[region] = (begin, start)
             self._spans[dtype], sizes[dtype] = spans, start
         for slot in (0, 1):
             self._flat_mine[slot] = self._flatten(self.mine[slot], sizes)
             self._flat_theirs[slot] = {q: self._flatten(self.theirs[slot][q], sizes) for q in self.peers}
+            for key, entries in self.entries.items():
+                if "kv" in entries:
+                    self._kv[slot][key] = self._whole_kv(slot, key, entries["kv"])
         self.frozen = True
+
+    def _whole_kv(self, slot: int, key: tuple, entry: _Entry) -> torch.Tensor:
+        whole = torch.empty((self.world, *entry.shape), dtype=entry.dtype, device=self.device)
+        for q in range(self.world):
+            values = self.mine[slot][key] if q == self.rank else self.theirs[slot][q][key]
+            whole[q].copy_(values["kv"])
+            values["kv"] = whole[q]
+        return whole
 
     def _flatten(self, values: dict, sizes: dict) -> dict:
         flat = {dtype: torch.zeros(n, dtype=dtype, device=self.device) for dtype, n in sizes.items()}
         for key, regions in values.items():
             for region, old in regions.items():
+                if region == "kv":  # one buffer of every patch's per point (Note [kv slots])
+                    continue
                 entry = self.entries[key][region]
                 view = flat[entry.dtype][entry.offset : entry.offset + entry.numel].view(entry.shape)
                 view.copy_(old)

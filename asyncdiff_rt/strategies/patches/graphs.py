@@ -1,13 +1,17 @@
-"""CUDA-graph replay of PatchParallel's steady-state forwards (DESIGN §10, §12), eager wherever capture fails.
+"""CUDA-graph replay of PatchParallel's forwards (DESIGN §10, §12), eager wherever capture fails.
 
 Note [patch graphs]
-    Warm-up steps (k < W) run eagerly: they register the exchange points (step 0), exchange at every point,
-    blocking, and are few. A steady-state forward (k >= W) is captured once per *slot key* and call signature and
-    replayed after: the key is (the slot it writes, the slot it reads), `((k % 2), (k - 1) % 2)` for the stale
-    modes — two graphs, one per step parity — one graph for `no_sync` (writes nothing, always reads step W-1's
+    The first step of a call signature runs eagerly: it registers the exchange points and their shapes
+    (exchange.py). Every later forward is captured once per *slot key* and call signature and replayed after;
+    the key says which slots it writes and reads. An exact step (warm-up, `full_sync`) reads and writes slot
+    k % 2 only: key `("exact", k % 2)` (for now only with UNVERIFIED_OVERLAP_ENV=1, else eager),
+    two graphs, shared by every sync mode, captured with the transport's
+    ops inside (inline, below; on eager warm-up steps the host waited at every point and the GPU idled while it
+    caught up). A stale step's key is (the slot it writes, the slot it reads), `((k % 2), (k - 1) % 2)` — two
+    graphs, one per step parity — one graph for `no_sync` (writes nothing, always reads step W-1's
     slot) and `naive` (exchanges nothing). Per-parity graphs rather than fixed read/write pointers: the slots
     are already static double buffers (exchange.py, Note [slots]) whose addresses the layers bake into the
-    graph, so swapping pointers would mean copying a slot per step or indirecting every layer; two graphs of
+    graph, so swapping pointers would mean copying a slot per step or indirecting every layer; graphs of
     one pool cost only their kernel-parameter memory. The step index never reaches the graph: the key carries
     its parity, the timestep and every other tensor argument go through the executor's static inputs
     (runtime/executor.py), and a Python-number timestep is turned into the tensor the UNet would make of it, so
@@ -15,17 +19,18 @@ Note [patch graphs]
 
     What the captured forward does: each layer writes its fresh values into the static write slot
     (`PatchExchange.share`) and reads the other patches' stale ones from the read slot. What runs right after
-    the replay, eagerly but only enqueued (no host synchronisation): the packed exchange of the write slot and
-    the gather of the output rows into the static gather buffers. On shm and nccl both go on the transport's
-    communication streams, which wait for the caller's current stream (so for the replay) and which the
-    current stream waits for again (so the next step's replay reads the received slot; Note [stream ordering]
-    in csrc/streams.h). Keeping them out of the graph keeps every step's communication under the transport's
+    the replay, eagerly but only enqueued (no host synchronisation): the step's closing exchanges
+    (`PatchExchange.end_step`), the output rows with the halos and moments into static buffers, then K/V. They
+    go on the transport's communication streams, which wait for the caller's current stream (so for the replay);
+    the current stream waits for the first again at once, and for K/V only at the next step's first stale K/V
+    read, an event-wait node of that step's graph (exchange.py, Note [deferred K/V]; Note [stream ordering] in
+    csrc/streams.h). Keeping them out of the graph keeps every step's communication under the transport's
     throttle and watchdog (captured ops are invisible to both) and keeps a capture failure local to one rank:
     eager and replayed steps issue the same messages, so a rank that falls back needs no agreement.
 
-    `sync_gn` and `full_sync` exchange fresh values inside the forward. On shm and nccl on CUDA those ops are
-    capturable, so their steady forwards are captured too ("inline" graphs), with the transport's ops inside and
-    without eager warm-up runs (which would send real messages; the warm-up steps ran the same layers). A
+    Exact steps and `sync_gn`'s exchange fresh values inside the forward. On shm, ipc and nccl on CUDA those ops
+    are capturable, so those forwards are captured too ("inline" graphs), with the transport's ops inside and
+    without eager warm-up runs (which would send real messages; the registering step ran the same layers). A
     replayed shm op reuses the slot parity of its capture, so every rank must capture the same forwards at the
     same step or none: after each inline capture the ranks agree (a host all-gather, once per graph); if any
     failed, every rank drops its graph, rolls its transport's message counters back over the captured ops that
@@ -72,6 +77,17 @@ def tensor_timestep(t: Any, device: torch.device) -> Any:
 GRAPH_VERIFIED_MODES = frozenset({"corrected_async_gn", "stale_gn", "no_sync", "full_sync", "sync_gn"})
 # Set to 1 (tests/cuda/test_patch_cuda.py) to capture the other modes' graphs too, to compare them with eager.
 UNVERIFIED_ENV = "ASYNCDIFF_RT_UNVERIFIED_PATCH_GRAPHS"
+
+
+# Exact-step graphs and the deferred K/V wait (exchange.py, Note [deferred K/V]) have not run on a GPU yet
+# (2026-12-03: no device could be started): off until tests/cuda/test_patch_cuda.py passes with them; this
+# variable turns them on to measure and test them.
+UNVERIFIED_OVERLAP_ENV = "ASYNCDIFF_RT_UNVERIFIED_PATCH_OVERLAP"
+
+
+def overlap_enabled() -> bool:
+    """Whether exact steps replay from graphs and K/V waits are deferred (UNVERIFIED_OVERLAP_ENV=1)."""
+    return os.environ.get(UNVERIFIED_OVERLAP_ENV) == "1"
 
 
 def graphs_allowed(sync_mode: str) -> bool:

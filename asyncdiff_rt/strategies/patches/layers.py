@@ -174,9 +174,27 @@ def group_norm_forward(ex: PatchExchange, name: str, norm: torch.nn.GroupNorm, o
 # ---- self-attention -------------------------------------------------------------------------------------------------
 
 
+def _project_into(linear: Any, x: torch.Tensor, out: torch.Tensor) -> None:
+    """out[t, b] = linear(x)[b, t] for x (batch, tokens, features) and out (tokens, batch, features), a part of a
+    K/V buffer (Note [kv slots] in exchange.py): a plain Linear writes there straight from its GEMMs (one per
+    batch row, into a strided output cuBLAS takes as it is); anything else (LoRA, autocast, autograd: out= has
+    no gradient) through one copy."""
+    plain = type(linear) is torch.nn.Linear and x.dtype == out.dtype
+    if plain and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+        weight = linear.weight.t()
+        for b in range(x.shape[0]):
+            if linear.bias is None:
+                torch.mm(x[b], weight, out=out[:, b])
+            else:
+                torch.addmm(linear.bias, x[b], weight, out=out[:, b])
+        return
+    out.copy_(linear(x).transpose(0, 1))
+
+
 def self_attention_forward(ex: PatchExchange, name: str, attn: Any, original: Callable) -> Callable:
     """diffusers `Attention` without text states: queries of own tokens, keys/values of every patch's tokens in
-    row order (own fresh). Cross-attention (text keys) is local."""
+    row order (own fresh), read as one buffer (Note [kv slots] in exchange.py). Cross-attention (text keys) is
+    local."""
 
     def forward(hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         source = ex.policy.halo_source
@@ -187,27 +205,30 @@ def self_attention_forward(ex: PatchExchange, name: str, attn: Any, original: Ca
                 f"PatchParallel: self-attention {name} needs 3-D tokens without a mask or extra arguments "
                 f"(got {hidden_states.dim()}-D, mask={attention_mask is not None}, {sorted(kwargs)})"
             )
-        batch = hidden_states.shape[0]
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        batch, tokens = hidden_states.shape[:2]
+        q = attn.to_q(hidden_states)
         point = ex.point(name)
-        slot = ex.own_slot(point, "kv")
-        # (2, batch, tokens, inner), made straight in the exchange slot where there is one
-        fits = slot is not None and slot.shape == (2, *k.shape) and slot.dtype == k.dtype
-        own = torch.stack([k, v], out=slot) if fits else torch.stack([k, v])
+        whole = ex.kv_buffer(point)  # (P, tokens, batch, 2, inner), None at the step that registers the point
+        inner = getattr(attn, "inner_kv_dim", q.shape[-1])
+        own = whole[ex.rank] if whole is not None else q.new_empty((tokens, batch, 2, inner))
+        _project_into(attn.to_k, hidden_states, own[:, :, 0])  # the same arithmetic at every step
+        _project_into(attn.to_v, hidden_states, own[:, :, 1])
         _, others = ex.share(
-            point,
-            {"kv": own},
-            fresh=source == "fresh",
-            full_bytes=hidden_states.numel() * hidden_states.element_size(),
+            point, {"kv": own}, fresh=source == "fresh", full_bytes=hidden_states.numel() * hidden_states.element_size()
         )
-        kv = torch.cat([own if p == ex.rank else others["kv"][p] for p in range(ex.world)], dim=2)
+        if whole is None:
+            whole = torch.stack([own if p == ex.rank else others["kv"][p] for p in range(ex.world)])
+        kv = whole.view(ex.world * tokens, batch, 2, -1)
         heads = attn.heads
         head_dim = q.shape[-1] // heads
 
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(batch, -1, heads, head_dim).transpose(1, 2)
+        def split(t: torch.Tensor) -> torch.Tensor:  # (tokens, batch, inner) -> (batch, heads, tokens, head_dim)
+            return t.permute(1, 0, 2).view(batch, -1, heads, head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(q), split(kv[0]), split(kv[1]), scale=attn.scale)
+        out = F.scaled_dot_product_attention(
+            q.reshape(batch, tokens, heads, head_dim).transpose(1, 2), split(kv[:, :, 0]), split(kv[:, :, 1]),
+            scale=attn.scale,
+        )  # fmt: skip
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
         if attn.residual_connection:

@@ -35,7 +35,7 @@ from ...runtime.timeline import Timeline
 from ..cfg import CfgSplit
 from .checks import check_controlnet, check_denoiser, check_rows, full_input_convs, row_factor, self_attentions
 from .exchange import REGIONS, PatchExchange
-from .graphs import PatchGraphs, graphs_allowed, tensor_timestep
+from .graphs import PatchGraphs, graphs_allowed, overlap_enabled, tensor_timestep
 from .layers import conv_in_forward, group_norm_forward, halo_conv_forward, self_attention_forward
 from .modes import SYNC_MODES, StepPolicy
 
@@ -322,15 +322,14 @@ class PatchParallel:
             self.guard.check_step(k, full, sample)
             ex = self.exchange
             ex.begin_step(StepPolicy(self.sync_mode, self._call_warm_up, k))
-            replay = self.graphs.enabled and k >= self._call_warm_up
+            # exact steps too, once the exchange points are registered (Note [patch graphs])
+            replay = self.graphs.enabled and (k >= self._call_warm_up or (ex.frozen and overlap_enabled()))
             with self.timeline.span("warm-up" if ex.policy.exact else "compute", k):
                 out = self._replayed(original, k, args, kwargs) if replay else original(*args, **kwargs)
-            with self.timeline.span("exchange", k, "comm"):
-                ex.end_step()  # the packed exchange of this step's values, for step k+1
-            with self.timeline.span("ε", k, "comm"):
+            with self.timeline.span("exchange", k, "comm"):  # ε rows, and this step's values for step k+1
                 own = first_tensor(out)
                 self._out_bytes = own.numel() * own.element_size()
-                rows = ex.gather_rows(own)
+                rows = ex.end_step(own)
                 if replay and rows is own:  # one patch: the graph's static output; the pipeline keeps ε
                     rows = own.clone()
                 out = replace_first_tensor(out, rows)
@@ -339,12 +338,15 @@ class PatchParallel:
         return forward
 
     def _replayed(self, original: Any, k: int, args: tuple, kwargs: dict) -> Any:
-        """A steady-state forward through the graphs (graphs.py, Note [patch graphs]): keyed by the slots it
-        writes and reads, never by the step; a Python-number timestep goes in as a tensor."""
+        """A forward through the graphs (graphs.py, Note [patch graphs]): keyed by the slots it writes and reads,
+        never by the step (an exact step reads and writes slot k % 2 only); a Python-number timestep goes in as a
+        tensor."""
         ex, policy = self.exchange, self.exchange.policy
         comm_inside = self.world_size > 1 and (policy.halo_source == "fresh" or policy.norm_rule == "exact")
-        write = k % 2 if policy.writes_own or comm_inside else None
-        key = ("patch", policy.sync_mode, write, ex.read_slot)
+        if policy.exact:
+            key: tuple = ("patch", "exact", k % 2)
+        else:
+            key = ("patch", policy.sync_mode, k % 2 if policy.writes_own or comm_inside else None, ex.read_slot)
         bound = self._timestep_arg.bind(args, kwargs)
         t = bound.arguments["timestep"]
         if not isinstance(t, torch.Tensor):
@@ -354,7 +356,7 @@ class PatchParallel:
             ex.begin_step(policy)  # the exchange points count from 0 in every run (warm-up runs of a capture)
             return original(*a, **kw)
 
-        steady = policy.packed_regions
+        steady = StepPolicy(self.sync_mode, self._call_warm_up, self._call_warm_up).packed_regions
         return self.graphs.run(fn, key, args, kwargs, comm_inside, lambda: ex.prepare_transport(steady))
 
 
