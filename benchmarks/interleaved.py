@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from asyncdiff_rt.tools.bench import _latents, _seeded, _sync, setup_single  # noqa: E402
 from asyncdiff_rt.tools.bench_setup import model_steps  # noqa: E402
+from asyncdiff_rt.tools.emulate import write_results  # noqa: E402
 
 
 def _timed(pipe, kwargs) -> tuple[float, torch.Tensor]:
@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         stem = os.path.join(args.out, f"interleaved_{args.model.replace(':', '_')}_{name.replace(' ', '_')}")
         meta = {"model": args.model, "steps": steps, "rounds": args.rounds, "device": name,
                 "torch": torch.__version__, "date": str(datetime.date.today())}  # fmt: skip
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(text)
+        write_results(stem, {"meta": meta, "rows": rows}, lambda _: text)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from asyncdiff_rt.strategies.patches.layers import _project_into  # noqa: E402
+from asyncdiff_rt.tools.emulate import write_results  # noqa: E402
 
 # (name, tokens of the whole image, channels = inner, heads) of SDXL's self-attention levels, batch 2 (CFG)
 LEVELS = {
@@ -128,12 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
+        os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, "patch_attention_" + name.replace(" ", "_"))
         meta = {"device": name, "torch": torch.__version__, "date": str(datetime.date.today()), "dtype": str(dtype)}
-        with open(stem + ".json", "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(text)
+        write_results(stem, {"meta": meta, "rows": rows}, lambda _: text)
 
 
 if __name__ == "__main__":
