@@ -1,7 +1,8 @@
 """One patch's self-attention K/V path at SDXL's real shapes, on one GPU: the keys and values of every patch
-concatenated before attention (the layout before Note [kv slots]: to_k, to_v, stack into the exchange slot, cat
-with the other patches') against one whole buffer per point (the own part written by the projections' GEMMs,
-attention reading the buffer in place; strategies/patches/layers.py). Also checks the two give the same output.
+concatenated before attention (to_k, to_v, stack into the exchange slot, cat with the other patches') against
+one whole buffer per point (the own part written by the projections' GEMMs, attention reading the buffer in
+place), in the patch-major layout of f15cd96 and the K/V-major one of strategies/patches/layers.py now (Note [kv
+slots] in exchange.py). Also checks that all three give the same output.
 
     python benchmarks/patch_attention.py --out benchmarks/results
     python benchmarks/patch_attention.py --device cpu --iters 2      # a smoke run (no timing claims)
@@ -47,17 +48,33 @@ def concatenated(x, to_k, to_v, q, others, heads):
 
 
 def whole_buffer(x, to_k, to_v, q, whole, rank, heads):
-    """Now: own K/V written into part `rank` of (P, tokens, batch, 2, inner); attention reads all of it."""
+    """f15cd96: own K/V written into part `rank` of (P, tokens, batch, 2, inner), one strided GEMM output per
+    batch row; attention reads all of it in place."""
     batch, tokens = x.shape[:2]
     own = whole[rank]
-    _project_into(to_k, x, own[:, :, 0])
-    _project_into(to_v, x, own[:, :, 1])
+    for j, linear in enumerate((to_k, to_v)):
+        for b in range(batch):
+            torch.mm(x[b], linear.weight.t(), out=own[:, b, j])
     kv = whole.view(-1, batch, 2, whole.shape[-1])
 
     def split(t):
         return t.permute(1, 0, 2).view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
 
     return F.scaled_dot_product_attention(_split(q, batch, heads), split(kv[:, :, 0]), split(kv[:, :, 1]))
+
+
+def k_v_major(x, to_k, to_v, q, whole, rank, heads):
+    """Now (layers.py): own K/V written into part `rank` of (2, batch, P, tokens, inner), one contiguous (tokens,
+    inner) GEMM output per batch row and K/V; attention reads K = whole[0] and V = whole[1] as (batch, P x tokens,
+    inner), the layout a concatenation gives it."""
+    batch = x.shape[0]
+    _project_into(to_k, x, whole[0, :, rank])
+    _project_into(to_v, x, whole[1, :, rank])
+
+    def split(t):
+        return t.reshape(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+    return F.scaled_dot_product_attention(_split(q, batch, heads), split(whole[0]), split(whole[1]))
 
 
 def _time(fn, iters: int, device: torch.device) -> float:
@@ -88,17 +105,24 @@ def measure(name: str, patches: int, iters: int, device: torch.device, dtype: to
     q = torch.randn(batch, tokens, inner, generator=g).to(device, dtype)
     others = [torch.randn(2, batch, tokens, inner, generator=g).to(device, dtype) for _ in range(patches - 1)]
     whole = torch.empty(patches, tokens, batch, 2, inner, device=device, dtype=dtype)
+    major = torch.empty(2, batch, patches, tokens, inner, device=device, dtype=dtype)
     rank = 0
-    for p, o in zip([p for p in range(patches) if p != rank], others):  # the same other patches in both layouts
+    for p, o in zip([p for p in range(patches) if p != rank], others):  # the same other patches in every layout
         whole[p].copy_(o.permute(2, 1, 0, 3))
+        major[:, :, p].copy_(o)
     with torch.no_grad():
-        before, after = concatenated(x, to_k, to_v, q, others, heads), whole_buffer(x, to_k, to_v, q, whole, 0, heads)
+        before = concatenated(x, to_k, to_v, q, others, heads)
+        after = whole_buffer(x, to_k, to_v, q, whole, 0, heads)
+        candidate = k_v_major(x, to_k, to_v, q, major, 0, heads)
         diff = (before.float() - after.float()).abs().max().item()
+        diff_major = (before.float() - candidate.float()).abs().max().item()
         t_before = _time(lambda: concatenated(x, to_k, to_v, q, others, heads), iters, device)
         t_after = _time(lambda: whole_buffer(x, to_k, to_v, q, whole, 0, heads), iters, device)
+        t_major = _time(lambda: k_v_major(x, to_k, to_v, q, major, 0, heads), iters, device)
     return {"shape": name, "patches": patches, "tokens_per_patch": tokens, "inner": inner, "heads": heads,
             "concatenated_ms": t_before, "whole_buffer_ms": t_after, "ratio": t_after / t_before,
-            "max_abs_diff": diff}  # fmt: skip
+            "max_abs_diff": diff, "k_v_major_ms": t_major, "k_v_major_ratio": t_major / t_before,
+            "k_v_major_max_abs_diff": diff_major}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,15 +140,22 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"torch {torch.__version__}, {datetime.date.today()}. Median of {args.iters} calls (CUDA events on the GPU, "
         "one process alone: not emulated). concatenated: to_k, to_v, stack, cat with the other patches' K/V, "
-        "attention. whole buffer: the projections write this patch's part of one (P, tokens, batch, 2, inner) buffer "
-        "that attention reads in place (Note [kv slots]). diff: max |difference| of the outputs.",
+        "attention. whole buffer (f15cd96): the projections write this patch's part of one (P, tokens, batch, 2, "
+        "inner) buffer that attention reads in place. K/V-major (now): the same in place with the buffer (2, batch, "
+        "P, tokens, inner), contiguous GEMM outputs, the layout a concatenation gives attention (Note [kv slots]). "
+        "ratio: over "
+        "concatenated; diff: max |difference| of the outputs from concatenated's.",
         "",
-        "| shape | P | tokens/patch | concatenated (ms) | whole buffer (ms) | ratio | diff |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | P | tokens/patch | concatenated (ms) | whole buffer (ms) | ratio | diff | K/V-major (ms) | ratio "
+        "| diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['patches']} | {r['tokens_per_patch']} | {r['concatenated_ms']:.3f} | "
-                     f"{r['whole_buffer_ms']:.3f} | {r['ratio']:.3f} | {r['max_abs_diff']:.2g} |")  # fmt: skip
+        major = f"{r['k_v_major_ms']:.3f} | {r['k_v_major_ratio']:.3f} | {r['k_v_major_max_abs_diff']:.2g}"
+        lines.append(
+            f"| {r['shape']} | {r['patches']} | {r['tokens_per_patch']} | {r['concatenated_ms']:.3f} | "
+            f"{r['whole_buffer_ms']:.3f} | {r['ratio']:.3f} | {r['max_abs_diff']:.2g} | {major} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

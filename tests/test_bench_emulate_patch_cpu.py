@@ -139,7 +139,7 @@ def test_prepare_transport_announces_the_packed_exchange(rank):
         ex.begin_step(policy)
         x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
         ex.share(ex.point("conv"), {"top": x[..., :1, :], "bottom": x[..., -1:, :]}, fresh=fresh)
-        ex.share(ex.point("attn"), {"kv": torch.randn(6, 2, 2, 8)}, fresh=fresh)
+        ex.share(ex.point("attn"), {"kv": torch.randn(2, 2, 6, 8)}, fresh=fresh)  # K/V, batch, tokens, inner
         ex.share(ex.point("norm"), {"gn": torch.randn(2, 2, 4, dtype=torch.float64)}, fresh=fresh)
         ex.end_step(torch.randn(2, 4, 3, 8))  # the output rows
 
@@ -152,7 +152,8 @@ def test_prepare_transport_announces_the_packed_exchange(rank):
     assert t.exchanged == t.prepared and len(t.prepared) == 2
     (sends, _), (kv_sends, _) = t.prepared
     assert set(sends) == set(kv_sends) == {q for q in range(3) if q != rank}
-    assert all(sizes == [6 * 2 * 2 * 8 * 4] for sizes in kv_sends.values())  # each peer: this patch's K/V part
+    # each peer: this patch's K/V part, as its 2 x batch contiguous blocks of (tokens, inner) (Note [kv slots])
+    assert all(sizes == [6 * 8 * 4] * 4 for sizes in kv_sends.values())
     ex.prepare_transport(())
     assert t.exchanged == t.prepared  # nothing to announce without packed regions (no call recorded)
 

@@ -248,8 +248,8 @@ def test_half_precision_group_norm_is_the_explicit_one_rounded_once(dtype):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_projections_write_into_their_part_of_the_kv_buffer(bias):
-    """K/V projections straight into this patch's part of a (P, tokens, batch, 2, inner) buffer (Note [kv slots]):
-    equal to the module's output transposed, for a plain Linear (its GEMMs write the strided part) and for a
+    """K/V projections straight into this patch's part of a (2, batch, P, tokens, inner) buffer (Note [kv slots]):
+    equal to the module's output, for a plain Linear (its GEMMs write the part, batch row by batch row) and for a
     wrapped one (LoRA-like: through one copy); the rest of the buffer untouched."""
     from asyncdiff_rt.strategies.patches.layers import _project_into
 
@@ -258,10 +258,10 @@ def test_projections_write_into_their_part_of_the_kv_buffer(bias):
     linear = torch.nn.Linear(8, 4, bias=bias).double()
     wrapped = torch.nn.Sequential(linear)
     for module in (linear, wrapped):
-        whole = torch.full((3, 6, 2, 2, 4), 7.0, dtype=torch.float64)
+        whole = torch.full((2, 2, 3, 6, 4), 7.0, dtype=torch.float64)
         with torch.no_grad():  # as pipelines call the denoiser (with autograd on: the copy)
-            _project_into(module, x, whole[1][:, :, 1])
-        torch.testing.assert_close(whole[1][:, :, 1], module(x).transpose(0, 1), rtol=0, atol=1e-12)
+            _project_into(module, x, whole[1, :, 1])
+        torch.testing.assert_close(whole[1, :, 1], module(x), rtol=0, atol=1e-12)
         untouched = torch.ones_like(whole, dtype=torch.bool)
-        untouched[1, :, :, 1] = False
+        untouched[1, :, 1] = False
         assert torch.equal(whole[untouched], torch.full_like(whole[untouched], 7.0))

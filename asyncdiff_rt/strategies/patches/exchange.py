@@ -15,13 +15,17 @@ step k-1 (`no_sync`: of step W-1), which nothing writes during step k, so the ne
 reads. The buffers keep their addresses for the life of a signature, as CUDA-graph capture will need.
 
 Note [kv slots]: self-attention reads every patch's keys and values as one tensor, so K/V are not laid out with the
-other regions: each point's slot holds one buffer (P, tokens, batch, 2, inner) whose part p is patch p's (this
-rank's part is its `mine`, the others' their `theirs`), and attention reads it whole as P x tokens keys, with no
-concatenation. Own K/V therefore go into the buffer whose other parts hold what this step reads: an exact step's
-(`kv_slot` = k % 2, filled by the fresh exchange), a stale step's the read slot's (step k-1's values, W-1's
-under `no_sync`). A stale step's own K/V are sent from there; the packed exchange after step k still receives
-into slot k % 2, which step k+1 reads and writes. The own part overwritten is never read (own K/V are always
-fresh) and has been sent before step k+1 reads the slot (Note [deferred K/V]).
+other regions: each point's slot holds one buffer (2, batch, P, tokens, inner) whose part [:, :, p] is patch p's
+(this rank's part is its `mine`, the others' their `theirs`), and attention reads K = buffer[0] and V = buffer[1]
+whole as (batch, P x tokens, inner), the layout a concatenation of the patches' would have, with no concatenation.
+K/V-major with the batch outside the patches so that each projection's GEMM per batch row writes one contiguous
+(tokens, inner) block, and a part travels as 2 x batch contiguous blocks (`_pieces`); the patch-major layout
+before it (P, tokens, batch, 2, inner) made attention and the GEMMs 6 to 30 % slower than the concatenation
+(benchmarks/results/patch_attention_NVIDIA_H200.md). Own K/V therefore go into the buffer whose other parts hold
+what this step reads: an exact step's (`kv_slot` = k % 2, filled by the fresh exchange), a stale step's the read
+slot's (step k-1's values, W-1's under `no_sync`). A stale step's own K/V are sent from there; the packed
+exchange after step k still receives into slot k % 2, which step k+1 reads and writes. The own part overwritten
+is never read (own K/V are always fresh) and has been sent before step k+1 reads the slot (Note [deferred K/V]).
 
 Note [deferred K/V]: K/V are most of what a stale step sends (SDXL 2048 px, P = 2: 1.68 GB of 1.69), and the next
 step first reads them at its first self-attention, after the outermost resnets; halos and moments are read at
@@ -58,6 +62,14 @@ class _Entry:
     @property
     def numel(self) -> int:
         return self.shape.numel()
+
+
+def _pieces(region: str, value: torch.Tensor) -> list[torch.Tensor]:
+    """A region's value as contiguous tensors to send or receive: K/V (2, batch, tokens, inner) as its 2 x batch
+    blocks (a view into a whole buffer is not contiguous, Note [kv slots]), the others whole."""
+    if region != "kv":
+        return [value]
+    return [value[j, b] for j in range(value.shape[0]) for b in range(value.shape[1])]
 
 
 class PatchExchange:
@@ -118,8 +130,8 @@ class PatchExchange:
         return self.policy.step % 2 if self.policy.exact else self.read_slot
 
     def kv_buffer(self, key: tuple) -> torch.Tensor | None:
-        """Every patch's K/V at point `key` for this step, (P, tokens, batch, 2, inner): the layer writes its own
-        part in place and reads the whole (Note [kv slots]); None before the layout exists."""
+        """Every patch's K/V at point `key` for this step, (2, batch, P, tokens, inner): the layer writes its own
+        part [:, :, rank] in place and reads the whole (Note [kv slots]); None before the layout exists."""
         if not self.frozen or key not in self._kv[0]:
             return None
         return self._kv[self.kv_slot][key]
@@ -145,8 +157,11 @@ class PatchExchange:
                     dst.copy_(value)
         if fresh:  # K/V fresh only on exact steps, where kv_slot = slot
             if self.world > 1:
-                sends = {q: [self.mine[slot][key][r] for r in own if r in self.wanted_from_me(q)] for q in self.peers}
-                recvs = {q: [self.theirs[slot][q][key][r] for r in own if r in self.wanted_of(q)] for q in self.peers}
+                mine, theirs = self.mine[slot][key], self.theirs[slot]
+                sends = {q: [t for r in own if r in self.wanted_from_me(q) for t in _pieces(r, mine[r])]
+                         for q in self.peers}  # fmt: skip
+                recvs = {q: [t for r in own if r in self.wanted_of(q) for t in _pieces(r, theirs[q][key][r])]
+                         for q in self.peers}  # fmt: skip
                 self.transport.exchange(self.policy.step, sends, recvs)
             read = slot
         else:
@@ -197,8 +212,10 @@ class PatchExchange:
         for q in self.peers:
             sends[q] = [rows] + self._spans_of(self._flat_mine[slot], self.wanted_from_me(q), regions)
             recvs[q] = [self._gather[q]] + self._spans_of(self._flat_theirs[slot][q], self.wanted_of(q), regions)
-            kv_sends[q] = [whole[self.rank] for whole in self._kv[kv_slot].values()] if kv else []
-            kv_recvs[q] = [whole[q] for whole in self._kv[slot].values()] if kv else []
+            kv_sends[q] = (
+                [t for whole in self._kv[kv_slot].values() for t in _pieces("kv", whole[:, :, self.rank])] if kv else []
+            )
+            kv_recvs[q] = [t for whole in self._kv[slot].values() for t in _pieces("kv", whole[:, :, q])] if kv else []
         return sends, recvs, kv_sends, kv_recvs
 
     # ---- layout -----------------------------------------------------------------------------------------------------
@@ -235,11 +252,12 @@ class PatchExchange:
         self.frozen = True
 
     def _whole_kv(self, slot: int, key: tuple, entry: _Entry) -> torch.Tensor:
-        whole = torch.empty((self.world, *entry.shape), dtype=entry.dtype, device=self.device)
+        kv, batch, *rest = entry.shape  # the own part's (2, batch, tokens, inner)
+        whole = torch.empty((kv, batch, self.world, *rest), dtype=entry.dtype, device=self.device)
         for q in range(self.world):
             values = self.mine[slot][key] if q == self.rank else self.theirs[slot][q][key]
-            whole[q].copy_(values["kv"])
-            values["kv"] = whole[q]
+            whole[:, :, q].copy_(values["kv"])
+            values["kv"] = whole[:, :, q]
         return whole
 
     def _flatten(self, values: dict, sizes: dict) -> dict:

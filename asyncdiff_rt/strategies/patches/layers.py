@@ -175,20 +175,20 @@ def group_norm_forward(ex: PatchExchange, name: str, norm: torch.nn.GroupNorm, o
 
 
 def _project_into(linear: Any, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out[t, b] = linear(x)[b, t] for x (batch, tokens, features) and out (tokens, batch, features), a part of a
-    K/V buffer (Note [kv slots] in exchange.py): a plain Linear writes there straight from its GEMMs (one per
-    batch row, into a strided output cuBLAS takes as it is); anything else (LoRA, autocast, autograd: out= has
-    no gradient) through one copy."""
+    """out = linear(x) for x and out (batch, tokens, features), out a part of a K/V buffer whose batch rows are
+    apart (Note [kv slots] in exchange.py): a plain Linear writes there straight from its GEMMs (one per batch row,
+    each a contiguous (tokens, features) output); anything else (LoRA, autocast, autograd: out= has no gradient)
+    through one copy."""
     plain = type(linear) is torch.nn.Linear and x.dtype == out.dtype
     if plain and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
         weight = linear.weight.t()
         for b in range(x.shape[0]):
             if linear.bias is None:
-                torch.mm(x[b], weight, out=out[:, b])
+                torch.mm(x[b], weight, out=out[b])
             else:
-                torch.addmm(linear.bias, x[b], weight, out=out[:, b])
+                torch.addmm(linear.bias, x[b], weight, out=out[b])
         return
-    out.copy_(linear(x).transpose(0, 1))
+    out.copy_(linear(x))
 
 
 def self_attention_forward(ex: PatchExchange, name: str, attn: Any, original: Callable) -> Callable:
@@ -208,25 +208,24 @@ def self_attention_forward(ex: PatchExchange, name: str, attn: Any, original: Ca
         batch, tokens = hidden_states.shape[:2]
         q = attn.to_q(hidden_states)
         point = ex.point(name)
-        whole = ex.kv_buffer(point)  # (P, tokens, batch, 2, inner), None at the step that registers the point
+        whole = ex.kv_buffer(point)  # (2, batch, P, tokens, inner), None at the step that registers the point
         inner = getattr(attn, "inner_kv_dim", q.shape[-1])
-        own = whole[ex.rank] if whole is not None else q.new_empty((tokens, batch, 2, inner))
-        _project_into(attn.to_k, hidden_states, own[:, :, 0])  # the same arithmetic at every step
-        _project_into(attn.to_v, hidden_states, own[:, :, 1])
+        own = whole[:, :, ex.rank] if whole is not None else q.new_empty((2, batch, tokens, inner))
+        _project_into(attn.to_k, hidden_states, own[0])  # the same arithmetic at every step
+        _project_into(attn.to_v, hidden_states, own[1])
         _, others = ex.share(
             point, {"kv": own}, fresh=source == "fresh", full_bytes=hidden_states.numel() * hidden_states.element_size()
         )
         if whole is None:
-            whole = torch.stack([own if p == ex.rank else others["kv"][p] for p in range(ex.world)])
-        kv = whole.view(ex.world * tokens, batch, 2, -1)
+            whole = torch.stack([own if p == ex.rank else others["kv"][p] for p in range(ex.world)], dim=2)
         heads = attn.heads
         head_dim = q.shape[-1] // heads
 
-        def split(t: torch.Tensor) -> torch.Tensor:  # (tokens, batch, inner) -> (batch, heads, tokens, head_dim)
-            return t.permute(1, 0, 2).view(batch, -1, heads, head_dim).transpose(1, 2)
+        def split(t: torch.Tensor) -> torch.Tensor:  # (batch, P, tokens, inner) -> (batch, heads, P x tokens, dim)
+            return t.reshape(batch, -1, heads, head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(
-            q.reshape(batch, tokens, heads, head_dim).transpose(1, 2), split(kv[:, :, 0]), split(kv[:, :, 1]),
+            q.reshape(batch, tokens, heads, head_dim).transpose(1, 2), split(whole[0]), split(whole[1]),
             scale=attn.scale,
         )  # fmt: skip
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)

@@ -1,0 +1,167 @@
+"""PatchParallel's result at a real architecture and size, per runtime path: P processes on one GPU over `ipc`
+(time-sliced, no MPS: this checks values, not speed), each configuration (sync mode, CUDA graphs, the overlap
+paths of graphs.UNVERIFIED_OVERLAP_ENV) on the same pipelines, two calls each (the second replays the graphs the
+first captured, as the bench's timed call does). Per configuration and call: whether the latents are finite,
+their PSNR against the plain pipeline's (exact; random weights: a consistency check) and their largest difference
+from the first configuration's (eager, overlap off: the path the simulator equalities cover on the CPU).
+
+    python benchmarks/patch_fidelity.py --model sdxl --size 2048 --out benchmarks/results
+    python benchmarks/patch_fidelity.py --model tiny:sdxl --size 64 --device cpu --steps 4   # a smoke run (gloo)
+
+Writes patch_fidelity_<model>_<size>_<device>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from asyncdiff_rt.strategies.patches.graphs import UNVERIFIED_OVERLAP_ENV  # noqa: E402
+from asyncdiff_rt.tools.emulate import write_results  # noqa: E402
+from asyncdiff_rt.tools.launch import spawn  # noqa: E402
+
+# sync mode / graphs on / overlap paths on / warm_up / transport / K/V path ("buffer", or "stack": the other
+# patches' K/V stacked with the own, as at a point's registering step) [/ "sync": the host waits for the GPU after
+# every step, "nocb": no step callback at all (else one that records, on the device, whether the latents are
+# finite)]; the first is the reference path
+DEFAULT_CONFIGS = (
+    "corrected_async_gn/0/0/2/ipc/buffer",
+    "corrected_async_gn/1/0/2/ipc/buffer",
+    "corrected_async_gn/1/1/2/ipc/buffer",
+    "stale_gn/1/1/2/ipc/buffer",
+)
+
+
+def parse_config(text: str) -> dict:
+    mode, graphs, overlap, warm_up, transport, kv, *watch = text.split("/")
+    if watch not in ([], ["sync"], ["nocb"]):
+        raise ValueError(f"configuration {text!r}: the optional last field is sync or nocb, got {watch[0]!r}")
+    return dict(name=text, mode=mode, graphs=graphs == "1", overlap=overlap == "1", warm_up=int(warm_up),
+                transport=transport, kv=kv, watch=watch[0] if watch else "flags")  # fmt: skip
+
+
+class _FirstNonFinite:
+    """callback_on_step_end: each step's "latents all finite", kept on the device (no host synchronisation, which
+    would hide a race) unless `sync`; `step` after the call: the first step whose latents are not (None: none)."""
+
+    def __init__(self, sync: bool):
+        self.sync, self.flags = sync, []
+
+    def __call__(self, pipe, i, t, kw):
+        self.flags.append(torch.isfinite(kw["latents"]).all())
+        if self.sync and kw["latents"].is_cuda:
+            torch.cuda.synchronize()
+        return kw
+
+    @property
+    def step(self) -> int | None:
+        return next((i for i, ok in enumerate(self.flags) if not bool(ok)), None)
+
+
+def _worker(rank: int, world: int, args: dict) -> list:
+    from asyncdiff_rt import PatchParallel
+    from asyncdiff_rt.strategies.patches.exchange import PatchExchange
+    from asyncdiff_rt.tools.bench_setup import bench_pipeline
+
+    device = "cuda:0" if args["device"] == "cuda" else "cpu"
+    pipe, kwargs = bench_pipeline(args["model"], device, args["steps"], args["size"])
+    kv_buffer = PatchExchange.kv_buffer
+
+    def call(steps: int, watch: str = "flags") -> tuple[torch.Tensor, int | None]:
+        seen = _FirstNonFinite(watch == "sync")
+        with torch.no_grad():
+            out = pipe(**{**kwargs, "num_inference_steps": steps}, generator=torch.Generator("cpu").manual_seed(0),
+                       callback_on_step_end=None if watch == "nocb" else seen)  # fmt: skip
+        return (out.images if hasattr(out, "images") else out[0]).float().cpu(), seen.step
+
+    plain, bad = call(args["steps"], "nocb") if rank == 0 else (None, None)
+    rows = [dict(name="plain", latents=plain, first_non_finite=[bad], captures=0)]
+    for text in args["configs"]:
+        c = parse_config(text)
+        os.environ[UNVERIFIED_OVERLAP_ENV] = "1" if c["overlap"] else "0"
+        PatchExchange.kv_buffer = kv_buffer if c["kv"] == "buffer" else (lambda self, key: None)
+        transport = c["transport"] if args["device"] == "cuda" else "gloo"
+        rt = PatchParallel(pipe, warm_up=c["warm_up"], sync_mode=c["mode"], transport=transport, graphs=c["graphs"])
+        _, bad_first = call(c["warm_up"] + 3, c["watch"])  # captures the graphs, as the bench's untimed call
+        second, bad_second = call(args["steps"], c["watch"])
+        rows.append(dict(c, latents=second if rank == 0 else None, first_non_finite=[bad_first, bad_second],
+                         captures=rt.captures))  # fmt: skip
+        rt.remove()
+        if rank == 0:  # the plain pipeline again: whether anything outside the run's own buffers was overwritten
+            rows[-1]["plain_after_unchanged"] = bool(torch.equal(call(args["steps"], "nocb")[0], plain))
+        print(f"rank {rank}: {text} done (first non-finite step per call: {bad_first}, {bad_second})", flush=True)
+    PatchExchange.kv_buffer = kv_buffer
+    return rows
+
+
+def _summary(rows: list) -> list[dict]:
+    from asyncdiff_rt.tools.fidelity import compare
+
+    plain, reference = rows[0]["latents"], rows[1]["latents"]
+    out = []
+    for row in rows:
+        latents = row.pop("latents")
+        entry = dict(row, finite=bool(torch.isfinite(latents).all()))
+        if entry["finite"] and bool(torch.isfinite(plain).all()) and row is not rows[0]:
+            entry["psnr_vs_plain_db"] = compare(plain, latents)["psnr_db"]
+            if bool(torch.isfinite(reference).all()):
+                entry["max_diff_vs_reference"] = float((latents - reference).abs().max())
+        out.append(entry)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="sdxl")
+    p.add_argument("--size", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--patches", type=int, default=2)
+    p.add_argument(
+        "--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="mode/graphs/overlap/W/transport/kv[/sync|nocb]"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--timeout_s", type=float, default=500.0)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    for text in args.configs:
+        parse_config(text)  # a clear error before any process starts
+    spec = dict(model=args.model, size=args.size, steps=args.steps, device=args.device, configs=args.configs)
+    summary = _summary(spawn(_worker, args.patches, spec, timeout_s=args.timeout_s)[0])
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    meta = dict(model=args.model, size=args.size, steps=args.steps, patches=args.patches, device=device,
+                torch=torch.__version__, date=datetime.date.today().isoformat())  # fmt: skip
+    lines = [
+        f"# PatchParallel fidelity per runtime path: {args.model} at {args.size} px, P={args.patches} ({device})",
+        "",
+        f"{meta['date']}, torch {meta['torch']}: {args.steps} steps, P processes on one GPU (values, not speed). "
+        "Per configuration (mode/graphs/overlap/warm_up/transport/K/V path) a short call (captures the graphs), "
+        "then the measured one; first non-finite step of each call (– : none); reference: the first configuration.",
+        "",
+        "| configuration | graphs | first non-finite step | finite | PSNR vs plain (dB) | max diff vs reference "
+        "| plain after it unchanged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in summary:
+        psnr, diff = e.get("psnr_vs_plain_db"), e.get("max_diff_vs_reference")
+        bad = ", ".join("–" if b is None else str(b) for b in e["first_non_finite"])
+        lines.append(
+            f"| {e['name']} | {e['captures']} | {bad} | {'yes' if e['finite'] else 'no'} | "
+            f"{'–' if psnr is None else f'{psnr:.1f}'} | {'–' if diff is None else f'{diff:.3g}'} | "
+            f"{e.get('plain_after_unchanged', '–')} |"
+        )
+    safe = f"{args.model.replace(':', '_')}_{args.size}_{device.replace(' ', '_')}"
+    stem = os.path.join(args.out, f"patch_fidelity_{safe}")
+    os.makedirs(args.out, exist_ok=True)
+    write_results(stem, {"meta": meta, "rows": summary}, lambda data: "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
