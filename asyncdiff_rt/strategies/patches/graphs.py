@@ -79,9 +79,9 @@ GRAPH_VERIFIED_MODES = frozenset({"corrected_async_gn", "stale_gn", "no_sync", "
 UNVERIFIED_ENV = "ASYNCDIFF_RT_UNVERIFIED_PATCH_GRAPHS"
 
 
-# Exact-step graphs and the deferred K/V wait (exchange.py, Note [deferred K/V]) have not run on a GPU yet
-# (2026-12-03: no device could be started): off until tests/cuda/test_patch_cuda.py passes with them; this
-# variable turns them on to measure and test them.
+# Exact-step graphs and the deferred K/V wait (exchange.py, Note [deferred K/V]): off until
+# tests/cuda/test_patch_cuda.py passes with them (H200, 2026-12-03: 8 passed, `sync_gn` graphs != eager, the fix
+# `await_deferred` not yet rerun; tests/GPU_RESULTS.md); this variable turns them on to measure and test them.
 UNVERIFIED_OVERLAP_ENV = "ASYNCDIFF_RT_UNVERIFIED_PATCH_OVERLAP"
 
 

@@ -357,6 +357,8 @@ class PatchParallel:
             return original(*a, **kw)
 
         steady = StepPolicy(self.sync_mode, self._call_warm_up, self._call_warm_up).packed_regions
+        if comm_inside:  # its captured channel ops must not overtake the K/V still in flight (Note [deferred K/V])
+            ex.await_deferred()
         return self.graphs.run(fn, key, args, kwargs, comm_inside, lambda: ex.prepare_transport(steady))
 
 
