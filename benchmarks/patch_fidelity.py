@@ -64,6 +64,37 @@ class _FirstNonFinite:
         return next((i for i, ok in enumerate(self.flags) if not bool(ok)), None)
 
 
+class _GroupNormWatch:
+    """Wraps the patch GroupNorm's normalisation (layers._normalise, looked up at call time) to keep, per call, the
+    smallest combined variance over the patch's own (per group) and the largest |x - mean| / sqrt(var + eps): a
+    combined variance near 0 blows the normalised values up (benchmarks/README.md, patch fidelity). Eager forwards
+    only: under graphs the kept values would be captured tensors."""
+
+    def __init__(self):
+        from asyncdiff_rt.strategies.patches import layers
+
+        self.layers, self.original, self.kept = layers, layers._normalise, []
+        layers._normalise = self._watched
+
+    def _watched(self, x, norm, mean, var):
+        own = self.layers._own_var(x, norm.num_groups).to(var.dtype)
+        centred = self.layers._widened(x, norm.num_groups).to(mean.dtype) - mean[..., None]
+        peak = centred.abs().amax(-1) * torch.rsqrt(var + norm.eps)
+        self.kept.append(torch.stack([(var / own.clamp_min(1e-30)).min().float(), peak.max().float()]))
+        return self.original(x, norm, mean, var)
+
+    def take(self) -> tuple[float, float] | None:
+        """(smallest variance ratio, largest normalised value) since the last take; None if no GroupNorm ran."""
+        kept, self.kept = self.kept, []
+        if not kept:
+            return None
+        both = torch.stack(kept)
+        return float(both[:, 0].min()), float(both[:, 1].max())
+
+    def remove(self) -> None:
+        self.layers._normalise = self.original
+
+
 def _worker(rank: int, world: int, args: dict) -> list:
     from asyncdiff_rt import PatchParallel
     from asyncdiff_rt.strategies.patches.exchange import PatchExchange
@@ -72,6 +103,7 @@ def _worker(rank: int, world: int, args: dict) -> list:
     device = "cuda:0" if args["device"] == "cuda" else "cpu"
     pipe, kwargs = bench_pipeline(args["model"], device, args["steps"], args["size"])
     kv_buffer = PatchExchange.kv_buffer
+    watch_gn = _GroupNormWatch() if args["gn_stats"] else None
 
     def call(steps: int, watch: str = "flags") -> tuple[torch.Tensor, int | None]:
         seen = _FirstNonFinite(watch == "sync")
@@ -89,14 +121,20 @@ def _worker(rank: int, world: int, args: dict) -> list:
         transport = c["transport"] if args["device"] == "cuda" else "gloo"
         rt = PatchParallel(pipe, warm_up=c["warm_up"], sync_mode=c["mode"], transport=transport, graphs=c["graphs"])
         _, bad_first = call(c["warm_up"] + 3, c["watch"])  # captures the graphs, as the bench's untimed call
+        if watch_gn is not None:
+            watch_gn.take()  # only the measured call's
         second, bad_second = call(args["steps"], c["watch"])
         rows.append(dict(c, latents=second if rank == 0 else None, first_non_finite=[bad_first, bad_second],
                          captures=rt.captures))  # fmt: skip
+        if watch_gn is not None and not c["graphs"]:
+            rows[-1]["gn_min_var_ratio"], rows[-1]["gn_max_normalised"] = watch_gn.take() or (None, None)
         rt.remove()
         if rank == 0:  # the plain pipeline again: whether anything outside the run's own buffers was overwritten
             rows[-1]["plain_after_unchanged"] = bool(torch.equal(call(args["steps"], "nocb")[0], plain))
         print(f"rank {rank}: {text} done (first non-finite step per call: {bad_first}, {bad_second})", flush=True)
     PatchExchange.kv_buffer = kv_buffer
+    if watch_gn is not None:
+        watch_gn.remove()
     return rows
 
 
@@ -116,6 +154,10 @@ def _summary(rows: list) -> list[dict]:
     return out
 
 
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="sdxl")
@@ -126,12 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         "--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="mode/graphs/overlap/W/transport/kv[/sync|nocb]"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gn_help = "eager configurations: the patch GroupNorms' smallest combined/own variance and largest normalised value"
+    p.add_argument("--gn_stats", action="store_true", help=gn_help)
     p.add_argument("--timeout_s", type=float, default=500.0)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     for text in args.configs:
         parse_config(text)  # a clear error before any process starts
-    spec = dict(model=args.model, size=args.size, steps=args.steps, device=args.device, configs=args.configs)
+    spec = dict(model=args.model, size=args.size, steps=args.steps, device=args.device, configs=args.configs,
+                gn_stats=args.gn_stats)  # fmt: skip
     summary = _summary(spawn(_worker, args.patches, spec, timeout_s=args.timeout_s)[0])
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     meta = dict(model=args.model, size=args.size, steps=args.steps, patches=args.patches, device=device,
@@ -141,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{meta['date']}, torch {meta['torch']}: {args.steps} steps, P processes on one GPU (values, not speed). "
         "Per configuration (mode/graphs/overlap/warm_up/transport/K/V path) a short call (captures the graphs), "
-        "then the measured one; first non-finite step of each call (– : none); reference: the first configuration.",
+        "then the measured one; first non-finite step of each call (– : none); reference: the first configuration. "
+        "GroupNorm (`--gn_stats`, eager configurations, the measured call): the smallest combined variance over the "
+        "patch's own, and the largest |x - mean| / sqrt(var + eps) (half precision overflows above 65504).",
         "",
         "| configuration | graphs | first non-finite step | finite | PSNR vs plain (dB) | max diff vs reference "
-        "| plain after it unchanged |",
-        "|---|---|---|---|---|---|---|",
+        "| plain after it unchanged | GN min var ratio | GN max normalised |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
         psnr, diff = e.get("psnr_vs_plain_db"), e.get("max_diff_vs_reference")
@@ -153,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {e['name']} | {e['captures']} | {bad} | {'yes' if e['finite'] else 'no'} | "
             f"{'–' if psnr is None else f'{psnr:.1f}'} | {'–' if diff is None else f'{diff:.3g}'} | "
-            f"{e.get('plain_after_unchanged', '–')} |"
+            f"{e.get('plain_after_unchanged', '–')} | {_num(e.get('gn_min_var_ratio'))} | "
+            f"{_num(e.get('gn_max_normalised'))} |"
         )
     safe = f"{args.model.replace(':', '_')}_{args.size}_{device.replace(' ', '_')}"
     stem = os.path.join(args.out, f"patch_fidelity_{safe}")
