@@ -98,3 +98,40 @@ def graph_path_keys(rank: int, world: int, modes: list[str]) -> list:
             pp.remove()
         results.append((outs[0], outs[1], [k for k, _ in seen], len({s for _, s in seen})))
     return results
+
+
+def deferred_wait_order(rank: int, world: int, modes: list[str]) -> list:
+    """The graph path on the CPU with the overlap paths on (graphs.UNVERIFIED_OVERLAP_ENV): per mode, the events
+    ("await", step) of `PatchExchange.await_deferred` and ("forward", step, comm_inside) of `PatchGraphs.run`, in
+    order (Note [deferred K/V] in exchange.py)."""
+    import os
+
+    torch.set_num_threads(1)
+    from asyncdiff_rt import PatchParallel
+    from asyncdiff_rt.strategies.patches import exchange, graphs
+
+    os.environ[graphs.UNVERIFIED_OVERLAP_ENV] = "1"
+    events: list = []
+    await_deferred, run = exchange.PatchExchange.await_deferred, graphs.PatchGraphs.run
+
+    def recorded_await(self):
+        events.append(("await", self.policy.step))
+        return await_deferred(self)
+
+    def recorded_run(self, fn, key, args, kwargs, comm_inside, prepare=None):
+        events.append(("forward", pp.exchange.policy.step, comm_inside))
+        return run(self, fn, key, args, kwargs, comm_inside, prepare)
+
+    exchange.PatchExchange.await_deferred, graphs.PatchGraphs.run = recorded_await, recorded_run
+    results = []
+    for mode in modes:
+        case = dict(kind="sd15", size=128, sync_mode=mode, steps=4, warm_up=2)
+        pipe = pipe_of("sd15")
+        pp = PatchParallel(pipe, warm_up=2, sync_mode=mode, transport="gloo")
+        pp.graphs.enabled = pp.graphs.executor.use_graphs = True  # as on CUDA (graphs.py)
+        events.clear()
+        with torch.no_grad():
+            pipe(**call_kwargs(case, rank))
+        pp.remove()
+        results.append(list(events))
+    return results

@@ -5,7 +5,7 @@ the step, and the arguments' signature is one for the whole loop (the timestep i
 real capture and replay are tests/cuda/test_patch_cuda.py's."""
 
 import torch
-from patch_cases import graph_path_keys
+from patch_cases import deferred_wait_order, graph_path_keys
 
 from asyncdiff_rt.tools.launch import spawn
 
@@ -23,3 +23,22 @@ def test_graph_path_keys_and_equality_on_cpu():
                 assert keys == [("patch", mode, None, 1)] * 3, keys
             else:
                 assert keys == [("patch", mode, 0, 1), ("patch", mode, 1, 0), ("patch", mode, 0, 1)], keys
+
+
+def test_forwards_with_exchanges_inside_wait_for_the_deferred_k_v_first():
+    """With the overlap paths on, every forward that exchanges at its points (exact steps once the points are
+    registered, sync_gn's steady steps) is preceded by the wait for the deferred K/V of the step before, and no
+    other forward is: a replayed graph's channel ops are not ordered behind the eager K/V transfer (Note [deferred
+    K/V] in exchange.py; the cuda tier's sync_gn graphs differed from eager without it)."""
+    modes = ["sync_gn", "stale_gn"]
+    per_rank = spawn(deferred_wait_order, 2, modes, timeout_s=600)
+    for rank, results in enumerate(per_rank):
+        for mode, events in zip(modes, results):
+            forwards = [e for e in events if e[0] == "forward"]
+            # 4 PNDM steps call the denoiser 5 times: step 0 registers (eager, not through the graphs), 1 exact
+            assert [f[1] for f in forwards] == [1, 2, 3, 4], (rank, mode, events)
+            for i, event in enumerate(events):
+                if event[0] == "forward":
+                    waited = i > 0 and events[i - 1] == ("await", event[1])
+                    assert waited == event[2], (rank, mode, event, events)
+            assert [f[2] for f in forwards] == ([True] * 4 if mode == "sync_gn" else [True, False, False, False])
