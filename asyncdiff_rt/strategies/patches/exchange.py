@@ -90,7 +90,7 @@ class PatchExchange:
         self._flat_mine: list[dict] = [{}, {}]  # [slot][dtype] -> flat buffer (after freezing)
         self._flat_theirs: list[dict] = [{}, {}]  # [slot][peer][dtype]
         self._spans: dict[torch.dtype, dict[str, tuple[int, int]]] = {}  # dtype -> region -> (start, end)
-        self._kv: list[dict] = [{}, {}]  # [slot][point] -> (P, *own K/V shape), every patch's (Note [kv slots])
+        self._kv: list[dict] = [{}, {}]  # [slot][point] -> (2, batch, P, tokens, inner), every patch's K/V
         self.policy = StepPolicy("full_sync", 1, 0)
         self.read_slot = 0
         self._calls: dict[str, int] = {}
@@ -141,8 +141,8 @@ class PatchExchange:
         return self._kv[self.kv_slot][key]
 
     def await_deferred(self) -> None:
-        """The current stream waits for the last deferred K/V exchange (Note [deferred K/V]), before a forward with
-        exchanges at its points."""
+        """The current stream waits for the last deferred K/V exchange (Note [deferred K/V]): at a step's first
+        stale K/V read, and before a forward with exchanges at its points."""
         self._kv_transfer.await_received()
 
     def share(self, key: tuple, own: dict[str, torch.Tensor], fresh: bool, full_bytes: int = 0) -> tuple[dict, dict]:
@@ -176,7 +176,7 @@ class PatchExchange:
         else:
             read = self.read_slot
             if "kv" in own and not self._kv_awaited:  # the first stale K/V read of the step (Note [deferred K/V])
-                self._kv_transfer.await_received()
+                self.await_deferred()
                 self._kv_awaited = True
         others = {r: {q: self.theirs[read][q][key][r] for q in self.peers if r in self.wanted_of(q)} for r in own}
         return {r: self.mine[self.kv_slot if r == "kv" else read][key][r] for r in own}, others
@@ -218,12 +218,13 @@ class PatchExchange:
         `kv_slot`, Note [kv slots]), empty unless "kv" is in `regions`."""
         sends, recvs, kv_sends, kv_recvs = {}, {}, {}, {}
         kv = "kv" in regions
+        own_kv = (
+            [t for whole in self._kv[kv_slot].values() for t in _pieces("kv", whole[:, :, self.rank])] if kv else []
+        )
         for q in self.peers:
             sends[q] = [rows] + self._spans_of(self._flat_mine[slot], self.wanted_from_me(q), regions)
             recvs[q] = [self._gather[q]] + self._spans_of(self._flat_theirs[slot][q], self.wanted_of(q), regions)
-            kv_sends[q] = (
-                [t for whole in self._kv[kv_slot].values() for t in _pieces("kv", whole[:, :, self.rank])] if kv else []
-            )
+            kv_sends[q] = own_kv  # every peer gets the same own K/V
             kv_recvs[q] = [t for whole in self._kv[slot].values() for t in _pieces("kv", whole[:, :, q])] if kv else []
         return sends, recvs, kv_sends, kv_recvs
 
