@@ -95,6 +95,14 @@ class _GroupNormWatch:
         self.layers._normalise = self.original
 
 
+def _fingerprint(pipe) -> dict:
+    """Sums that tell two launches apart: of the denoiser's weights and (below) of the plain latents. Equal sums in
+    launches whose results differ point at the run's arithmetic (kernel choice, timing), not at its inputs."""
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    with torch.no_grad():
+        return {"weights_sum": float(sum(p.double().sum() for p in denoiser.parameters()))}
+
+
 def _worker(rank: int, world: int, args: dict) -> list:
     from asyncdiff_rt import PatchParallel
     from asyncdiff_rt.strategies.patches.exchange import PatchExchange
@@ -113,7 +121,7 @@ def _worker(rank: int, world: int, args: dict) -> list:
         return (out.images if hasattr(out, "images") else out[0]).float().cpu(), seen.step
 
     plain, bad = call(args["steps"], "nocb") if rank == 0 else (None, None)
-    rows = [dict(name="plain", latents=plain, first_non_finite=[bad], captures=0)]
+    rows = [dict(name="plain", latents=plain, first_non_finite=[bad], captures=0, fingerprint=_fingerprint(pipe))]
     for text in args["configs"]:
         c = parse_config(text)
         os.environ[UNVERIFIED_OVERLAP_ENV] = "1" if c["overlap"] else "0"
@@ -146,6 +154,8 @@ def _summary(rows: list) -> list[dict]:
     for row in rows:
         latents = row.pop("latents")
         entry = dict(row, finite=bool(torch.isfinite(latents).all()))
+        if row is rows[0]:
+            entry["fingerprint"] = dict(row["fingerprint"], plain_latents_sum=float(latents.double().sum()))
         if entry["finite"] and bool(torch.isfinite(plain).all()) and row is not rows[0]:
             entry["psnr_vs_plain_db"] = compare(plain, latents)["psnr_db"]
             if bool(torch.isfinite(reference).all()):
@@ -180,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = _summary(spawn(_worker, args.patches, spec, timeout_s=args.timeout_s)[0])
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     meta = dict(model=args.model, size=args.size, steps=args.steps, patches=args.patches, device=device,
-                torch=torch.__version__, date=datetime.date.today().isoformat())  # fmt: skip
+                torch=torch.__version__, date=datetime.date.today().isoformat(),
+                fingerprint=summary[0].pop("fingerprint"))  # fmt: skip
     lines = [
         f"# PatchParallel fidelity per runtime path: {args.model} at {args.size} px, P={args.patches} ({device})",
         "",
@@ -188,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         "Per configuration (mode/graphs/overlap/warm_up/transport/K/V path) a short call (captures the graphs), "
         "then the measured one; first non-finite step of each call (– : none); reference: the first configuration. "
         "GroupNorm (`--gn_stats`, eager configurations, the measured call): the smallest combined variance over the "
-        "patch's own, and the largest |x - mean| / sqrt(var + eps) (half precision overflows above 65504).",
+        "patch's own, and the largest |x - mean| / sqrt(var + eps) (half precision overflows above 65504). "
+        f"Launch fingerprint (other launches alike only if equal): {meta['fingerprint']}.",
         "",
         "| configuration | graphs | first non-finite step | finite | PSNR vs plain (dB) | max diff vs reference "
         "| plain after it unchanged | GN min var ratio | GN max normalised |",
