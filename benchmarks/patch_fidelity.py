@@ -103,6 +103,17 @@ def _fingerprint(pipe) -> dict:
         return {"weights_sum": float(sum(p.double().sum() for p in denoiser.parameters()))}
 
 
+def _poison(device: str) -> None:
+    """Fill what the caching allocator will hand out next with NaN: large blocks (split for big tensors) and small
+    ones (the pool of tensors up to 1 MiB). A run that reads memory it never wrote then turns non-finite at once,
+    instead of only where a fresh allocation happens to hold garbage."""
+    if not device.startswith("cuda"):
+        return
+    big = [torch.full((64 << 20,), float("nan"), dtype=torch.float16, device=device) for _ in range(64)]  # 8 GiB
+    small = [torch.full((1 << 17,), float("nan"), dtype=torch.float16, device=device) for _ in range(2048)]
+    del big, small
+
+
 def _worker(rank: int, world: int, args: dict) -> list:
     from asyncdiff_rt import PatchParallel
     from asyncdiff_rt.strategies.patches.exchange import PatchExchange
@@ -127,6 +138,8 @@ def _worker(rank: int, world: int, args: dict) -> list:
         os.environ[UNVERIFIED_OVERLAP_ENV] = "1" if c["overlap"] else "0"
         PatchExchange.kv_buffer = kv_buffer if c["kv"] == "buffer" else (lambda self, key: None)
         transport = c["transport"] if args["device"] == "cuda" else "gloo"
+        if args["poison"]:
+            _poison(device)
         rt = PatchParallel(pipe, warm_up=c["warm_up"], sync_mode=c["mode"], transport=transport, graphs=c["graphs"])
         _, bad_first = call(c["warm_up"] + 3, c["watch"])  # captures the graphs, as the bench's untimed call
         if watch_gn is not None:
@@ -180,17 +193,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gn_help = "eager configurations: the patch GroupNorms' smallest combined/own variance and largest normalised value"
     p.add_argument("--gn_stats", action="store_true", help=gn_help)
+    poison_help = "before each configuration, fill the device memory cache with NaN (reads of unwritten memory show)"
+    p.add_argument("--poison", action="store_true", help=poison_help)
     p.add_argument("--timeout_s", type=float, default=500.0)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     for text in args.configs:
         parse_config(text)  # a clear error before any process starts
     spec = dict(model=args.model, size=args.size, steps=args.steps, device=args.device, configs=args.configs,
-                gn_stats=args.gn_stats)  # fmt: skip
+                gn_stats=args.gn_stats, poison=args.poison)  # fmt: skip
     summary = _summary(spawn(_worker, args.patches, spec, timeout_s=args.timeout_s)[0])
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     meta = dict(model=args.model, size=args.size, steps=args.steps, patches=args.patches, device=device,
-                torch=torch.__version__, date=datetime.date.today().isoformat(),
+                torch=torch.__version__, date=datetime.date.today().isoformat(), poisoned=args.poison,
                 fingerprint=summary[0].pop("fingerprint"))  # fmt: skip
     lines = [
         f"# PatchParallel fidelity per runtime path: {args.model} at {args.size} px, P={args.patches} ({device})",
@@ -200,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         "then the measured one; first non-finite step of each call (– : none); reference: the first configuration. "
         "GroupNorm (`--gn_stats`, eager configurations, the measured call): the smallest combined variance over the "
         "patch's own, and the largest |x - mean| / sqrt(var + eps) (half precision overflows above 65504). "
-        f"Launch fingerprint (other launches alike only if equal): {meta['fingerprint']}.",
+        f"Launch fingerprint (other launches alike only if equal): {meta['fingerprint']}. "
+        f"Memory cache poisoned with NaN before each configuration: {'yes' if args.poison else 'no'}.",
         "",
         "| configuration | graphs | first non-finite step | finite | PSNR vs plain (dB) | max diff vs reference "
         "| plain after it unchanged | GN min var ratio | GN max normalised |",
