@@ -1,6 +1,6 @@
 """PatchParallel's result at a real architecture and size, per runtime path: P processes on one GPU over `ipc`
 (time-sliced, no MPS: this checks values, not speed), each configuration (sync mode, CUDA graphs, the overlap
-paths of graphs.UNVERIFIED_OVERLAP_ENV) on the same pipelines, two calls each (the second replays the graphs the
+paths of graphs.OVERLAP_ENV) on the same pipelines, two calls each (the second replays the graphs the
 first captured, as the bench's timed call does). Per configuration and call: whether the latents are finite,
 their PSNR against the plain pipeline's (exact; random weights: a consistency check) and their largest difference
 from the first configuration's (eager, overlap off: the path the simulator equalities cover on the CPU).
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from asyncdiff_rt.strategies.patches.graphs import UNVERIFIED_OVERLAP_ENV  # noqa: E402
+from asyncdiff_rt.strategies.patches.graphs import OVERLAP_ENV  # noqa: E402
 from asyncdiff_rt.tools.emulate import write_results  # noqa: E402
 from asyncdiff_rt.tools.launch import spawn  # noqa: E402
 
@@ -135,7 +135,7 @@ def _worker(rank: int, world: int, args: dict) -> list:
     rows = [dict(name="plain", latents=plain, first_non_finite=[bad], captures=0, fingerprint=_fingerprint(pipe))]
     for text in args["configs"]:
         c = parse_config(text)
-        os.environ[UNVERIFIED_OVERLAP_ENV] = "1" if c["overlap"] else "0"
+        os.environ[OVERLAP_ENV] = "1" if c["overlap"] else "0"
         PatchExchange.kv_buffer = kv_buffer if c["kv"] == "buffer" else (lambda self, key: None)
         transport = c["transport"] if args["device"] == "cuda" else "gloo"
         if args["poison"]:

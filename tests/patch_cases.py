@@ -101,7 +101,7 @@ def graph_path_keys(rank: int, world: int, modes: list[str]) -> list:
 
 
 def deferred_wait_order(rank: int, world: int, modes: list[str]) -> list:
-    """The graph path on the CPU with the overlap paths on (graphs.UNVERIFIED_OVERLAP_ENV): per mode, the events
+    """The graph path on the CPU with the overlap paths on (graphs.OVERLAP_ENV): per mode, the events
     ("await", step) of `PatchExchange.await_deferred` and ("forward", step, comm_inside) of `PatchGraphs.run`, in
     order (Note [deferred K/V] in exchange.py)."""
     import os
@@ -110,7 +110,7 @@ def deferred_wait_order(rank: int, world: int, modes: list[str]) -> list:
     from asyncdiff_rt import PatchParallel
     from asyncdiff_rt.strategies.patches import exchange, graphs
 
-    os.environ[graphs.UNVERIFIED_OVERLAP_ENV] = "1"
+    os.environ[graphs.OVERLAP_ENV] = "1"
     events: list = []
     await_deferred, run = exchange.PatchExchange.await_deferred, graphs.PatchGraphs.run
 

@@ -227,6 +227,15 @@ def test_markdown_from_synthetic_result():
     assert "| patches | patch_no_sync | 5.000 | 2.40x |" in md and "| CFG | cfg2 | 6.500 |" in md
 
 
+def test_targets_of_non_finite_latents_are_not_counted():
+    data = synthetic()
+    data["emulations"]["2"]["variants"]["patch_corrected_async_gn"]["fidelity"]["psnr_db"] = math.nan
+    md = markdown(summarize(data))
+    assert summarize(synthetic())["emulations"]["2"]["checks"]["corrected_finite"] is True
+    assert "2.00x (issue 17's target at 2048 px: >= 1.85x, NOT counted: its latents are not finite)" in md
+    assert "1.034 (target <= 1.05, NOT counted: its latents are not finite)" in md
+
+
 def test_bench_dispatches_patch(monkeypatch, tmp_path):
     got = {}
     monkeypatch.setattr(emulate_patch, "run_patch_emulation", lambda *a, **k: got.update(args=a, kwargs=k))

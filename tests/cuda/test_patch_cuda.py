@@ -67,7 +67,7 @@ def check(kind: str, mode: str, modes: tuple, graphs_expected: int | None, sim: 
 @pytest.mark.parametrize("kind", list(SIZES))
 def test_patch_graphs_equal_eager_and_the_simulator(kind, mode):
     # corrected_async_gn in float32: graphs vs eager only (FLOAT64 compares it with the simulator)
-    exact = 2 if overlap_enabled() else 0  # the exact-step graphs (not verified yet: off by default)
+    exact = 2 if overlap_enabled() else 0  # the exact-step graphs (on unless graphs.OVERLAP_ENV=0)
     check(kind, mode, MODES, (1 if mode == "no_sync" else 2) + exact, sim=mode != "corrected_async_gn")
 
 

@@ -4,7 +4,7 @@ Note [patch graphs]
     The first step of a call signature runs eagerly: it registers the exchange points and their shapes
     (exchange.py). Every later forward is captured once per *slot key* and call signature and replayed after;
     the key says which slots it writes and reads. An exact step (warm-up, `full_sync`) reads and writes slot
-    k % 2 only: key `("exact", k % 2)` (for now only with UNVERIFIED_OVERLAP_ENV=1, else eager),
+    k % 2 only: key `("exact", k % 2)` (eager with OVERLAP_ENV=0),
     two graphs, shared by every sync mode, captured with the transport's
     ops inside (inline, below; on eager warm-up steps the host waited at every point and the GPU idled while it
     caught up). A stale step's key is (the slot it writes, the slot it reads), `((k % 2), (k - 1) % 2)` — two
@@ -79,15 +79,15 @@ GRAPH_VERIFIED_MODES = frozenset({"corrected_async_gn", "stale_gn", "no_sync", "
 UNVERIFIED_ENV = "ASYNCDIFF_RT_UNVERIFIED_PATCH_GRAPHS"
 
 
-# Exact-step graphs and the deferred K/V wait (exchange.py, Note [deferred K/V]): off until
-# tests/cuda/test_patch_cuda.py passes with them (H200, 2026-12-03: 8 passed, `sync_gn` graphs != eager, the fix
-# `await_deferred` not yet rerun; tests/GPU_RESULTS.md); this variable turns them on to measure and test them.
-UNVERIFIED_OVERLAP_ENV = "ASYNCDIFF_RT_UNVERIFIED_PATCH_OVERLAP"
+# Exact-step graphs and the deferred K/V wait (exchange.py, Note [deferred K/V]): on by default since
+# tests/cuda/test_patch_cuda.py passed with them (H200, 2026-12-03, with `await_deferred`: 16 passed; graphs = eager
+# in every mode, float64 = the simulator; tests/GPU_RESULTS.md); set this variable to 0 to measure or test without.
+OVERLAP_ENV = "ASYNCDIFF_RT_PATCH_OVERLAP"
 
 
 def overlap_enabled() -> bool:
-    """Whether exact steps replay from graphs and K/V waits are deferred (UNVERIFIED_OVERLAP_ENV=1)."""
-    return os.environ.get(UNVERIFIED_OVERLAP_ENV) == "1"
+    """Whether exact steps replay from graphs and K/V waits are deferred (on unless OVERLAP_ENV=0)."""
+    return os.environ.get(OVERLAP_ENV, "1") != "0"
 
 
 def graphs_allowed(sync_mode: str) -> bool:
