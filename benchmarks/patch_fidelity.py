@@ -1,9 +1,10 @@
 """PatchParallel's result at a real architecture and size, per runtime path: P processes on one GPU over `ipc`
-(time-sliced, no MPS: this checks values, not speed), each configuration (sync mode, CUDA graphs, the overlap
-paths of graphs.OVERLAP_ENV) on the same pipelines, two calls each (the second replays the graphs the
-first captured, as the bench's timed call does). Per configuration and call: whether the latents are finite,
-their PSNR against the plain pipeline's (exact; random weights: a consistency check) and their largest difference
-from the first configuration's (eager, overlap off: the path the simulator equalities cover on the CPU).
+(time-sliced; with --mps at once, under an MPS daemon, as in the bench's emulation: this checks values, not speed),
+each configuration (sync mode, CUDA graphs, the overlap paths of graphs.OVERLAP_ENV) on the same pipelines, two
+calls each (the second replays the graphs the first captured, as the bench's timed call does). Per configuration and
+call: whether the latents are finite, their PSNR against the plain pipeline's (exact; random weights: a consistency
+check) and their largest difference from the first configuration's (eager, overlap off: the path the simulator
+equalities cover on the CPU).
 
     python benchmarks/patch_fidelity.py --model sdxl --size 2048 --out benchmarks/results
     python benchmarks/patch_fidelity.py --model tiny:sdxl --size 64 --device cpu --steps 4   # a smoke run (gloo)
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gn_stats", action="store_true", help=gn_help)
     poison_help = "before each configuration, fill the device memory cache with NaN (reads of unwritten memory show)"
     p.add_argument("--poison", action="store_true", help=poison_help)
+    mps_help = "run the P processes at once under an MPS daemon of our own, each at 100/P %% of the SMs (as --emulate)"
+    p.add_argument("--mps", action="store_true", help=mps_help)
     p.add_argument("--timeout_s", type=float, default=500.0)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
@@ -202,15 +205,24 @@ def main(argv: list[str] | None = None) -> int:
         parse_config(text)  # a clear error before any process starts
     spec = dict(model=args.model, size=args.size, steps=args.steps, device=args.device, configs=args.configs,
                 gn_stats=args.gn_stats, poison=args.poison)  # fmt: skip
-    summary = _summary(spawn(_worker, args.patches, spec, timeout_s=args.timeout_s)[0])
+    if args.mps:  # the processes run at once, as in the bench's emulation, not time-sliced
+        from asyncdiff_rt.tools.mps import MpsDaemon
+
+        with MpsDaemon() as daemon:
+            env = daemon.client_env(args.patches)
+            summary = _summary(spawn(_worker, args.patches, spec, timeout_s=args.timeout_s, env=env)[0])
+    else:
+        summary = _summary(spawn(_worker, args.patches, spec, timeout_s=args.timeout_s)[0])
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     meta = dict(model=args.model, size=args.size, steps=args.steps, patches=args.patches, device=device,
-                torch=torch.__version__, date=datetime.date.today().isoformat(), poisoned=args.poison,
+                torch=torch.__version__, date=datetime.date.today().isoformat(), poisoned=args.poison, mps=args.mps,
                 fingerprint=summary[0].pop("fingerprint"))  # fmt: skip
     lines = [
         f"# PatchParallel fidelity per runtime path: {args.model} at {args.size} px, P={args.patches} ({device})",
         "",
-        f"{meta['date']}, torch {meta['torch']}: {args.steps} steps, P processes on one GPU (values, not speed). "
+        f"{meta['date']}, torch {meta['torch']}: {args.steps} steps, P processes on one GPU "
+        f"({f'at once under MPS, {100 // args.patches} % of the SMs each' if args.mps else 'time-sliced'}; values, "
+        "not speed). "
         "Per configuration (mode/graphs/overlap/warm_up/transport/K/V path) a short call (captures the graphs), "
         "then the measured one; first non-finite step of each call (– : none); reference: the first configuration. "
         "GroupNorm (`--gn_stats`, eager configurations, the measured call): the smallest combined variance over the "
