@@ -96,6 +96,61 @@ class _GroupNormWatch:
         self.layers._normalise = self.original
 
 
+class _ExchangeTrace:
+    """Wraps PatchExchange.end_step to record, on the device (no host synchronisation), per step whether what this
+    rank sends (its output rows, its own flat regions, its own K/V part) and what it received (the peers' rows,
+    flat regions and K/V parts) are finite: the first non-finite one tells a corrupted transfer (sent finite,
+    received not) from a computation gone non-finite. The K/V received behind a deferred exchange is checked only
+    after the caller's stream waited for it (the next step's check), so use it with the overlap paths off."""
+
+    def __init__(self):
+        from asyncdiff_rt.strategies.patches.exchange import PatchExchange
+
+        self.cls, self.original, self.kept = PatchExchange, PatchExchange.end_step, []
+        trace = self
+
+        def end_step(ex, rows):
+            slot, step = ex.policy.step % 2, ex.policy.step
+            sent = trace._checks(ex, slot, rows, mine=True) if ex.frozen else []
+            out = trace.original(ex, rows)
+            got = trace._checks(ex, slot, out, mine=False)
+            trace.kept.append((step, [n for n, _ in sent + got], torch.stack([f for _, f in sent + got])))
+            return out
+
+        PatchExchange.end_step = end_step
+
+    @staticmethod
+    def _checks(ex, slot: int, rows: torch.Tensor, mine: bool) -> list:
+        """Only what travels: the regions a peer reads of this rank's (sent) or of the peer's (received)."""
+        from asyncdiff_rt.strategies.patches.exchange import REGIONS
+
+        fin = lambda t: torch.isfinite(t).all()  # noqa: E731
+        out = [("sent rows" if mine else "gathered rows", fin(rows))]
+        for q in ex.peers:
+            if mine:
+                spans = ex._spans_of(ex._flat_mine[slot], ex.wanted_from_me(q), REGIONS)
+                out += [(f"sent span {i} to {q}", fin(t)) for i, t in enumerate(spans)]
+            else:
+                spans = ex._spans_of(ex._flat_theirs[slot][q], ex.wanted_of(q), REGIONS)
+                out += [(f"received span {i} from {q}", fin(t)) for i, t in enumerate(spans)]
+                out += [(f"received kv {k[0]} from {q}", fin(w[:, :, q])) for k, w in ex._kv[slot].items()]
+        if mine:
+            out += [(f"sent kv {k[0]}", fin(w[:, :, ex.rank])) for k, w in ex._kv[ex.kv_slot].items()]
+        return out
+
+    def take(self) -> str | None:
+        """The first step and the names of the non-finite checks since the last take (None: all finite)."""
+        kept, self.kept = self.kept, []
+        for step, names, flags in kept:
+            bad = [n for n, ok in zip(names, flags.tolist()) if not ok]
+            if bad:
+                return f"step {step}: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}"
+        return None
+
+    def remove(self) -> None:
+        self.cls.end_step = self.original
+
+
 def _fingerprint(pipe) -> dict:
     """Sums that tell two launches apart: of the denoiser's weights and (below) of the plain latents. Equal sums in
     launches whose results differ point at the run's arithmetic (kernel choice, timing), not at its inputs."""
@@ -124,6 +179,7 @@ def _worker(rank: int, world: int, args: dict) -> list:
     pipe, kwargs = bench_pipeline(args["model"], device, args["steps"], args["size"])
     kv_buffer = PatchExchange.kv_buffer
     watch_gn = _GroupNormWatch() if args["gn_stats"] else None
+    trace = _ExchangeTrace() if args["trace"] else None
 
     def call(steps: int, watch: str = "flags") -> tuple[torch.Tensor, int | None]:
         seen = _FirstNonFinite(watch == "sync")
@@ -145,18 +201,27 @@ def _worker(rank: int, world: int, args: dict) -> list:
         _, bad_first = call(c["warm_up"] + 3, c["watch"])  # captures the graphs, as the bench's untimed call
         if watch_gn is not None:
             watch_gn.take()  # only the measured call's
+        traced = [trace.take()] if trace is not None else []
         second, bad_second = call(args["steps"], c["watch"])
+        traced += [trace.take()] if trace is not None else []
         rows.append(dict(c, latents=second if rank == 0 else None, first_non_finite=[bad_first, bad_second],
                          captures=rt.captures))  # fmt: skip
+        if traced:
+            print(f"rank {rank}: {text}: first non-finite exchange value per call: {traced}", flush=True)
         if watch_gn is not None and not c["graphs"]:
             rows[-1]["gn_min_var_ratio"], rows[-1]["gn_max_normalised"] = watch_gn.take() or (None, None)
         rt.remove()
+        del rt  # its buffers, graph pools and retired ipc slots, before the next configuration allocates its own
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
         if rank == 0:  # the plain pipeline again: whether anything outside the run's own buffers was overwritten
             rows[-1]["plain_after_unchanged"] = bool(torch.equal(call(args["steps"], "nocb")[0], plain))
         print(f"rank {rank}: {text} done (first non-finite step per call: {bad_first}, {bad_second})", flush=True)
     PatchExchange.kv_buffer = kv_buffer
     if watch_gn is not None:
         watch_gn.remove()
+    if trace is not None:
+        trace.remove()
     return rows
 
 
@@ -198,13 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poison", action="store_true", help=poison_help)
     mps_help = "run the P processes at once under an MPS daemon of our own, each at 100/P %% of the SMs (as --emulate)"
     p.add_argument("--mps", action="store_true", help=mps_help)
+    trace_help = "print per rank the first step and exchange value (sent or received) that is not finite"
+    p.add_argument("--trace", action="store_true", help=trace_help)
     p.add_argument("--timeout_s", type=float, default=500.0)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     for text in args.configs:
         parse_config(text)  # a clear error before any process starts
     spec = dict(model=args.model, size=args.size, steps=args.steps, device=args.device, configs=args.configs,
-                gn_stats=args.gn_stats, poison=args.poison)  # fmt: skip
+                gn_stats=args.gn_stats, poison=args.poison, trace=args.trace)  # fmt: skip
     if args.mps:  # the processes run at once, as in the bench's emulation, not time-sliced
         from asyncdiff_rt.tools.mps import MpsDaemon
 

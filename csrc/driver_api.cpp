@@ -40,6 +40,7 @@ const DriverApi& driver_api() {
       api.stream_write_value32 =
           reinterpret_cast<decltype(api.stream_write_value32)>(load_symbol("cuStreamWriteValue32"));
       api.stream_wait_value32 = reinterpret_cast<decltype(api.stream_wait_value32)>(load_symbol("cuStreamWaitValue32"));
+      api.stream_batch_mem_op = reinterpret_cast<decltype(api.stream_batch_mem_op)>(load_symbol("cuStreamBatchMemOp"));
       api.mem_get_address_range =
           reinterpret_cast<decltype(api.mem_get_address_range)>(load_symbol("cuMemGetAddressRange"));
     } catch (const std::exception& e) {

@@ -276,17 +276,38 @@ void ShmChannel::await_flag(int parity, std::uint32_t value, std::uint64_t seq, 
 #endif
 }
 
-void ShmChannel::set_word(std::uint32_t* host, std::uintptr_t dev, std::uint32_t value, StreamHandle stream) {
+// Note [release fence]: a `full` flag publishes a slot (sender: its bytes are written; receiver: its bytes are read
+// and may be overwritten), so the flag must not become visible before the copies ahead of it on the stream. The v1
+// cuStreamWriteValue32 fenced by default; for the _v2 entry point we load the documentation only says that the
+// flag to drop the fence "is not supported in the v2 API", and offers CU_STREAM_MEM_OP_BARRIER. So the write goes in
+// one batch behind an explicit system-wide barrier (the flags live in host memory, shm's slots too), whichever way
+// that sentence is read. No failure was traced to its absence (the non-finite MPS runs of 2026-12-03 were the patch
+// exchange's dtype order, Note [dtype order] in strategies/patches/exchange.py); the channel tier passes with it.
+void ShmChannel::set_word(std::uint32_t* host, std::uintptr_t dev, std::uint32_t value, StreamHandle stream,
+                          bool fence) {
   if (device_ < 0) {
     store_release(host, value);
     return;
   }
 #ifdef ASYNCDIFF_RT_WITH_CUDA
+  if (fence) {
+    CUstreamBatchMemOpParams ops[2];
+    std::memset(ops, 0, sizeof(ops));
+    ops[0].memoryBarrier.operation = CU_STREAM_MEM_OP_BARRIER;
+    ops[0].memoryBarrier.flags = CU_STREAM_MEMORY_BARRIER_TYPE_SYS;
+    ops[1].writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
+    ops[1].writeValue.address = static_cast<CUdeviceptr>(dev);
+    ops[1].writeValue.value = value;
+    ops[1].writeValue.flags = CU_STREAM_WRITE_VALUE_DEFAULT;
+    CHECK_CU(driver_api().stream_batch_mem_op(reinterpret_cast<CUstream>(stream), 2, ops, 0));
+    return;
+  }
   CHECK_CU(
       driver_api().stream_write_value32(reinterpret_cast<CUstream>(stream), dev, value, CU_STREAM_WRITE_VALUE_DEFAULT));
 #else
   (void)dev;
   (void)stream;
+  (void)fence;
 #endif
 }
 
@@ -322,7 +343,7 @@ void ShmChannel::send(std::uint64_t seq, const std::vector<Part>& parts, StreamH
   copy_parts(parts, p, /*into_slot=*/true, stream);
   const auto s32 = static_cast<std::uint32_t>(seq);
   set_word(stamp_word(p), dev_stamp_[p], s32, stream);
-  set_word(full_word(p), dev_full_[p], 1, stream);
+  set_word(full_word(p), dev_full_[p], 1, stream, /*fence=*/true);
   set_word(&header_->done[0].value, dev_done_[0], s32, stream);
   if (device_ >= 0 && !capturing) record_done(seq, stream);
 }
@@ -340,7 +361,7 @@ void ShmChannel::recv(std::uint64_t seq, const std::vector<Part>& parts, StreamH
     }
   }
   copy_parts(parts, p, /*into_slot=*/false, stream);
-  set_word(full_word(p), dev_full_[p], 0, stream);
+  set_word(full_word(p), dev_full_[p], 0, stream, /*fence=*/true);
   set_word(&header_->done[1].value, dev_done_[1], static_cast<std::uint32_t>(seq), stream);
   if (device_ >= 0 && !capturing) record_done(seq, stream);
 }

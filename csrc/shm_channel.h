@@ -22,8 +22,8 @@
 //
 // GPU (device >= 0): the region is page-locked (cudaHostRegister Mapped|Portable); copies are
 // cudaMemcpyAsync between device memory and the slot on the caller's stream; waits and flag writes are
-// cuStreamWaitValue32(EQ) / cuStreamWriteValue32 on the mapped flag words (the write carries a memory barrier,
-// so the slot's bytes are visible before the flag) — no host synchronisation in steady state. `wait(seq)`
+// cuStreamWaitValue32(EQ) / cuStreamWriteValue32 on the mapped flag words, each `full` write behind an explicit
+// memory barrier (Note [release fence] in shm_channel.cpp) — no host synchronisation in steady state. `wait(seq)`
 // polls an event recorded after the op with the timeout; on expiry it marks the channel failed, releases the
 // stream by writing the awaited flag values from the host (so the GPU does not stay blocked forever; the data
 // of that step is then garbage and every later call throws), and throws naming the peer and the step.
@@ -151,8 +151,9 @@ class ShmChannel {
   bool begin_op(Role role, std::uint64_t seq, const std::vector<Part>& parts, StreamHandle stream);
   // Waits for full[parity] == value: on the host (CPU) or enqueued on `stream` (GPU).
   void await_flag(int parity, std::uint32_t value, std::uint64_t seq, const char* what, StreamHandle stream);
-  // Writes a header word: a release store (CPU) or a stream write after the op's copies (GPU, `dev` pointer).
-  void set_word(std::uint32_t* host, std::uintptr_t dev, std::uint32_t value, StreamHandle stream);
+  // Writes a header word: a release store (CPU) or a stream write after the op's copies (GPU, `dev` pointer);
+  // `fence`: behind a system-wide memory barrier on the stream (Note [release fence] in shm_channel.cpp).
+  void set_word(std::uint32_t* host, std::uintptr_t dev, std::uint32_t value, StreamHandle stream, bool fence = false);
   // Packs parts into slot `parity` or unpacks them from it: memcpy (CPU) or cudaMemcpyAsync on `stream` (GPU).
   void copy_parts(const std::vector<Part>& parts, int parity, bool into_slot, StreamHandle stream);
   void check_fits(const std::vector<Part>& parts, std::uint64_t seq) const;

@@ -27,6 +27,14 @@ slot's (step k-1's values, W-1's under `no_sync`). A stale step's own K/V are se
 exchange after step k still receives into slot k % 2, which step k+1 reads and writes. The own part overwritten
 is never read (own K/V are always fresh) and has been sent before step k+1 reads the slot (Note [deferred K/V]).
 
+Note [dtype order]: the packed exchange sends each dtype's spans one after the other, and the receiver unpacks them
+in its own order, so every rank must lay the dtypes out in the same order: by name, not in the iteration order of a
+set of dtypes, which follows their hashes (their addresses, different in every process). In half precision the
+halos are float16 and the moments float32, and until 2026-12-03 the set's order decided per process: ranks that
+disagreed read each other's halos as moments from the first step that reads the packed exchange (W + 1), non-finite
+in about half of the P = 2 launches and most of the P = 4 ones, whatever the path; float32 runs (the CPU tests)
+have one dtype and never showed it.
+
 Note [deferred K/V]: K/V are most of what a stale step sends (SDXL 2048 px, P = 2: 1.68 GB of 1.69), and the next
 step first reads them at its first self-attention, after the outermost resnets; halos and moments are read at
 once. So the closing exchange after step k is two: the output rows with the halos and moments, which the caller's
@@ -52,7 +60,7 @@ from ...transport.deferred import DeferredExchange
 from .graphs import overlap_enabled
 from .modes import StepPolicy
 
-__all__ = ["REGIONS", "PatchExchange"]
+__all__ = ["REGIONS", "PatchExchange", "layout_dtypes"]
 
 REGIONS = ("top", "kv", "gn", "bottom")
 
@@ -74,6 +82,11 @@ def _pieces(region: str, value: torch.Tensor) -> list[torch.Tensor]:
     if region != "kv":
         return [value]
     return [value[j, b] for j in range(value.shape[0]) for b in range(value.shape[1])]
+
+
+def layout_dtypes(entries: dict[tuple, dict[str, _Entry]]) -> list[torch.dtype]:
+    """The dtypes of the flat buffers in layout order, by name (Note [dtype order])."""
+    return sorted({e.dtype for regions in entries.values() for r, e in regions.items() if r != "kv"}, key=str)
 
 
 class PatchExchange:
@@ -234,16 +247,18 @@ class PatchExchange:
             raise RuntimeError(f"PatchParallel: exchange point {key} registered twice in one step")
         self.entries[key] = {r: _Entry(v.dtype, v.shape) for r, v in own.items()}
         self.full_bytes[key] = full_bytes
-        for slot in (0, 1):  # standalone until the layout is frozen, then views into the flat buffers
-            self.mine[slot][key] = {r: torch.empty_like(v) for r, v in own.items()}
+        # standalone until the layout is frozen, then views into the flat buffers; zeros, not empty: the regions a
+        # peer never sends (the far halo) are copied into the flat buffers too, and should not hold garbage there
+        for slot in (0, 1):
+            self.mine[slot][key] = {r: torch.zeros_like(v) for r, v in own.items()}
             for q in self.peers:
-                self.theirs[slot][q][key] = {r: torch.empty_like(v) for r, v in own.items()}
+                self.theirs[slot][q][key] = {r: torch.zeros_like(v) for r, v in own.items()}
 
     def _freeze(self) -> None:
         """Lay every point's values out flat, region-major per dtype, K/V apart (Note [kv slots]), and move the
         first step's values there."""
         sizes: dict[torch.dtype, int] = {}
-        for dtype in {e.dtype for entries in self.entries.values() for r, e in entries.items() if r != "kv"}:
+        for dtype in layout_dtypes(self.entries):
             start, spans = 0, {}
             for region in REGIONS:
                 begin = start

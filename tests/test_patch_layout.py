@@ -1,0 +1,48 @@
+"""The flat layout of PatchParallel's exchange buffers is the same on every rank (Note [dtype order] in
+strategies/patches/exchange.py): the packed exchange sends each dtype's spans in layout order, and a receiver that
+laid its dtypes out in another order reads halos as GroupNorm moments (half precision: float16 halos, float32
+moments; the non-finite 2048 px runs of 2026-12-03)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from asyncdiff_rt.strategies.patches.exchange import PatchExchange, layout_dtypes
+
+# A fresh process lays out a half-precision point (float16 halos, float32 moments) and prints the dtype order of
+# its flat buffers. Each process hashes dtypes differently (by address), so a set's order differs among them.
+_LAYOUT = """
+import json, torch
+from asyncdiff_rt.strategies.patches.exchange import PatchExchange
+ex = PatchExchange(0, 2, None, torch.device("cpu"))
+half, moments = torch.zeros(1, 4, 2, 8, dtype=torch.float16), torch.zeros(2, 1, 2, dtype=torch.float32)
+ex._register(("conv", 0), {"top": half, "bottom": half}, 0)
+ex._register(("norm", 0), {"gn": moments}, 0)
+ex._freeze()
+print(json.dumps([str(d) for d in ex._spans]))
+"""
+
+
+def _entries(*dtypes: torch.dtype) -> dict:
+    ex = PatchExchange(0, 2, None, torch.device("cpu"))
+    for i, dtype in enumerate(dtypes):
+        ex._register(("layer", i), {"gn": torch.zeros(2, 1, 2, dtype=dtype)}, 0)
+    return ex.entries
+
+
+def test_layout_dtypes_are_ordered_by_name_whatever_the_registration_order():
+    expected = [torch.bfloat16, torch.float16, torch.float32]
+    assert layout_dtypes(_entries(torch.float32, torch.float16, torch.bfloat16)) == expected
+    assert layout_dtypes(_entries(torch.float16, torch.bfloat16, torch.float32, torch.float16)) == expected
+
+
+def test_every_process_lays_the_dtypes_out_alike():
+    # four processes at once: with a set's order each would pick either order, all four alike in 1 of 8 launches
+    procs = [subprocess.Popen([sys.executable, "-c", _LAYOUT], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    orders = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert orders == [["torch.float16", "torch.float32"]] * 4, orders
