@@ -96,6 +96,33 @@ class _GroupNormWatch:
         self.layers._normalise = self.original
 
 
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(t).all()
+
+
+def _sent_checks(ex, slot: int, rows: torch.Tensor) -> list:
+    """What this rank sends at the end of a step: its output rows, the spans each peer reads, its own K/V part."""
+    from asyncdiff_rt.strategies.patches.exchange import REGIONS
+
+    out = [("sent rows", _finite(rows))]
+    for q in ex.peers:
+        spans = ex._spans_of(ex._flat_mine[slot], ex.wanted_from_me(q), REGIONS)
+        out += [(f"sent span {i} to {q}", _finite(t)) for i, t in enumerate(spans)]
+    return out + [(f"sent kv {k[0]}", _finite(w[:, :, ex.rank])) for k, w in ex._kv[ex.kv_slot].items()]
+
+
+def _received_checks(ex, slot: int, rows: torch.Tensor) -> list:
+    """What this rank received: every patch's rows, the spans it reads of each peer, each peer's K/V part."""
+    from asyncdiff_rt.strategies.patches.exchange import REGIONS
+
+    out = [("gathered rows", _finite(rows))]
+    for q in ex.peers:
+        spans = ex._spans_of(ex._flat_theirs[slot][q], ex.wanted_of(q), REGIONS)
+        out += [(f"received span {i} from {q}", _finite(t)) for i, t in enumerate(spans)]
+        out += [(f"received kv {k[0]} from {q}", _finite(w[:, :, q])) for k, w in ex._kv[slot].items()]
+    return out
+
+
 class _ExchangeTrace:
     """Wraps PatchExchange.end_step to record, on the device (no host synchronisation), per step whether what this
     rank sends (its output rows, its own flat regions, its own K/V part) and what it received (the peers' rows,
@@ -110,33 +137,14 @@ class _ExchangeTrace:
         trace = self
 
         def end_step(ex, rows):
-            slot, step = ex.policy.step % 2, ex.policy.step
-            sent = trace._checks(ex, slot, rows, mine=True) if ex.frozen else []
+            slot = ex.policy.step % 2
+            sent = _sent_checks(ex, slot, rows) if ex.frozen else []
             out = trace.original(ex, rows)
-            got = trace._checks(ex, slot, out, mine=False)
-            trace.kept.append((step, [n for n, _ in sent + got], torch.stack([f for _, f in sent + got])))
+            checks = sent + _received_checks(ex, slot, out)
+            trace.kept.append((ex.policy.step, [n for n, _ in checks], torch.stack([f for _, f in checks])))
             return out
 
         PatchExchange.end_step = end_step
-
-    @staticmethod
-    def _checks(ex, slot: int, rows: torch.Tensor, mine: bool) -> list:
-        """Only what travels: the regions a peer reads of this rank's (sent) or of the peer's (received)."""
-        from asyncdiff_rt.strategies.patches.exchange import REGIONS
-
-        fin = lambda t: torch.isfinite(t).all()  # noqa: E731
-        out = [("sent rows" if mine else "gathered rows", fin(rows))]
-        for q in ex.peers:
-            if mine:
-                spans = ex._spans_of(ex._flat_mine[slot], ex.wanted_from_me(q), REGIONS)
-                out += [(f"sent span {i} to {q}", fin(t)) for i, t in enumerate(spans)]
-            else:
-                spans = ex._spans_of(ex._flat_theirs[slot][q], ex.wanted_of(q), REGIONS)
-                out += [(f"received span {i} from {q}", fin(t)) for i, t in enumerate(spans)]
-                out += [(f"received kv {k[0]} from {q}", fin(w[:, :, q])) for k, w in ex._kv[slot].items()]
-        if mine:
-            out += [(f"sent kv {k[0]}", fin(w[:, :, ex.rank])) for k, w in ex._kv[ex.kv_slot].items()]
-        return out
 
     def take(self) -> str | None:
         """The first step and the names of the non-finite checks since the last take (None: all finite)."""
