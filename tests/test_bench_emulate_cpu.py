@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from asyncdiff_rt.tools import bench, emulate, mps
-from asyncdiff_rt.tools.emulate_report import breakdown, ideal, label, markdown, summarize
+from asyncdiff_rt.tools.emulate_report import breakdown, failure_cell, ideal, label, markdown, summarize
 from asyncdiff_rt.tools.mps import MpsDaemon, MpsError
 
 TITLE_2 = "emulated: 2 processes on one GPU under MPS at 50 % of the SMs each"
@@ -445,3 +445,12 @@ def test_spawn_terminates_its_workers_on_ctrl_c(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         spawn(_sleep, 2, 120, timeout_s=200)
     assert len(started) == 2 and not any(p.is_alive() for p in started)
+
+
+def test_failure_cell_is_one_line_that_reaches_the_cause():
+    err = ("WorkerError: 4 of 4 worker(s) failed:\n--- rank 0: TransportError: ipc set-up of channel c_0to3_g2 | "
+           + "x" * 200 + " CUDA error cudaErrorMemoryAllocation (out of memory)\n--- rank 1: peer exited")  # fmt: skip
+    cell = failure_cell(err)
+    assert "\n" not in cell and "|" not in cell  # a table row stays one row of its columns
+    assert cell.startswith("WorkerError: 4 of 4 worker(s) failed: --- rank 0:") and "(out of memory)" in cell
+    assert len(failure_cell("e" * 1000)) == 400

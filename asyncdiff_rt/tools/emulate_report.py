@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ideal", "breakdown", "summarize", "markdown", "label"]
+__all__ = ["ideal", "breakdown", "summarize", "markdown", "label", "failure_cell"]
 
 PARTS = ("wall_ms", "compute_ms", "exchange_ms", "eps_ms", "gap_ms")
 
@@ -40,6 +40,12 @@ def breakdown(spans: list[dict[str, Any]]) -> dict[str, Any] | None:
         sums["eps_ms"] += part["ε"]
         sums["gap_ms"] += wall - part["compute"] - part["exchange"] - part["ε"]
     return {"rounds": len(used), **{k: v / len(used) for k, v in sums.items()}}
+
+
+def failure_cell(error: str) -> str:
+    """A failed variant's error in one table cell: one line (a worker error spans several), no column breaks,
+    long enough to reach the root cause (the JSON keeps the whole text)."""
+    return " ".join(error.split()).replace("|", "/")[:400]
 
 
 def label(name: str, procs: int, pct: int) -> str:
@@ -163,7 +169,7 @@ def markdown(data: dict[str, Any]) -> str:
         ]
         for name, r in e["variants"].items():
             if "median_s" not in r:
-                lines.append(f"| {label(name, n, pct)} | {r.get('what', '')} | failed: {r['error'][:120]} "
+                lines.append(f"| {label(name, n, pct)} | {r.get('what', '')} | failed: {failure_cell(r['error'])} "
                              "| | | | | | | | |")  # fmt: skip
                 continue
             b = r.get("breakdown") or {}
