@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from asyncdiff_rt.tools import bench, emulate, mps
-from asyncdiff_rt.tools.emulate_report import breakdown, failure_cell, ideal, label, markdown, summarize
+from asyncdiff_rt.tools.bench_report import failure_cell
+from asyncdiff_rt.tools.emulate_report import breakdown, ideal, label, markdown, summarize
 from asyncdiff_rt.tools.mps import MpsDaemon, MpsError
 
 TITLE_2 = "emulated: 2 processes on one GPU under MPS at 50 % of the SMs each"

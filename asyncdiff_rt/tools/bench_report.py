@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["markdown", "chart", "batch_text"]
+__all__ = ["markdown", "chart", "batch_text", "failure_cell"]
+
+
+def failure_cell(error: str) -> str:
+    """A failed variant's error in one table cell: one line (a worker error spans several), no column breaks,
+    long enough to reach the root cause (the JSON keeps the whole text)."""
+    return " ".join(error.split()).replace("|", "/")[:400]
 
 
 def batch_text(meta: dict[str, Any]) -> str:
@@ -37,7 +43,7 @@ def markdown(data: dict[str, Any], order: tuple[str, ...]) -> str:
         if r is None:
             continue
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:80]} | | | | | | | |")
+            lines.append(f"| {name} | failed: {failure_cell(r['error'])} | | | | | | | |")
             continue
         med = r["median_s"]
         peak = r.get("peak_mem_gib")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .emulate_report import failure_cell, label
+from .emulate_report import failed_row, label
 
 __all__ = ["summarize", "markdown", "sent_bytes", "TARGETS"]
 
@@ -139,8 +139,7 @@ def _table(e: dict[str, Any]) -> list[str]:
     ]
     for name, r in e["variants"].items():
         if "median_s" not in r:
-            lines.append(f"| {label(name, n, pct)} | {r.get('what', '')} | failed: {failure_cell(r['error'])} "
-                         "| | | | | | | | |")  # fmt: skip
+            lines.append(failed_row(name, n, pct, r))
             continue
         t = r.get("mean_s", r["median_s"])
         lines.append(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ideal", "breakdown", "summarize", "markdown", "label", "failure_cell"]
+from .bench_report import failure_cell
+
+__all__ = ["ideal", "breakdown", "summarize", "markdown", "label", "failed_row"]
 
 PARTS = ("wall_ms", "compute_ms", "exchange_ms", "eps_ms", "gap_ms")
 
@@ -42,10 +44,10 @@ def breakdown(spans: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {"rounds": len(used), **{k: v / len(used) for k, v in sums.items()}}
 
 
-def failure_cell(error: str) -> str:
-    """A failed variant's error in one table cell: one line (a worker error spans several), no column breaks,
-    long enough to reach the root cause (the JSON keeps the whole text)."""
-    return " ".join(error.split()).replace("|", "/")[:400]
+def failed_row(name: str, procs: int, pct: int, result: dict[str, Any]) -> str:
+    """The row of a variant that failed, in the emulation tables' 11 columns."""
+    cells = [label(name, procs, pct), result.get("what", ""), f"failed: {failure_cell(result['error'])}"] + [""] * 8
+    return "| " + " | ".join(cells) + " |"
 
 
 def label(name: str, procs: int, pct: int) -> str:
@@ -169,8 +171,7 @@ def markdown(data: dict[str, Any]) -> str:
         ]
         for name, r in e["variants"].items():
             if "median_s" not in r:
-                lines.append(f"| {label(name, n, pct)} | {r.get('what', '')} | failed: {failure_cell(r['error'])} "
-                             "| | | | | | | | |")  # fmt: skip
+                lines.append(failed_row(name, n, pct, r))
                 continue
             b = r.get("breakdown") or {}
             last = b.get(f"rank {n - 1}") if name not in ("one", "control") else None
