@@ -108,7 +108,7 @@ def _sent_checks(ex, slot: int, rows: torch.Tensor) -> list:
     for q in ex.peers:
         spans = ex._spans_of(ex._flat_mine[slot], ex.wanted_from_me(q), REGIONS)
         out += [(f"sent span {i} to {q}", _finite(t)) for i, t in enumerate(spans)]
-    return out + [(f"sent kv {k[0]}", _finite(w[:, :, ex.rank])) for k, w in ex._kv[ex.kv_slot].items()]
+    return out + [(f"sent kv {k[0]}", _finite(w[:, :, ex.rank])) for k, w in ex._kv.items()]
 
 
 def _received_checks(ex, slot: int, rows: torch.Tensor) -> list:
@@ -119,7 +119,7 @@ def _received_checks(ex, slot: int, rows: torch.Tensor) -> list:
     for q in ex.peers:
         spans = ex._spans_of(ex._flat_theirs[slot][q], ex.wanted_of(q), REGIONS)
         out += [(f"received span {i} from {q}", _finite(t)) for i, t in enumerate(spans)]
-        out += [(f"received kv {k[0]} from {q}", _finite(w[:, :, q])) for k, w in ex._kv[slot].items()]
+        out += [(f"received kv {k[0]} from {q}", _finite(w[:, :, q])) for k, w in ex._kv.items()]
     return out
 
 

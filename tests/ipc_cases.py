@@ -26,11 +26,20 @@ def poisoned_like(ts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.full_like(t, float("nan")) if t.is_floating_point() else torch.full_like(t, -7) for t in ts]
 
 
-def transport_rank(rank: int, world: int, store_path: str, steps: int, delay: tuple[int, int, float] | None):
-    """Exchange with every peer and broadcast from rank step % world, `steps` times; returns the mismatches."""
+def transport_rank(
+    rank: int, world: int, store_path: str, steps: int, delay: tuple[int, int, float] | None, slot_mb: str = ""
+):
+    """Exchange with every peer and broadcast from rank step % world, `steps` times; returns the mismatches, the
+    generation of every send channel and every channel's capacity. `slot_mb`: the slot cap (transport/shm.py,
+    Note [slot cap]), so that the larger messages travel in pieces."""
+    import os
+
     import torch.distributed as dist
 
     from asyncdiff_rt.transport.ipc import IpcTransport
+
+    if slot_mb:
+        os.environ["ASYNCDIFF_RT_SLOT_MB"] = slot_mb
 
     torch.cuda.set_device(0)
     tr = IpcTransport(rank, world, dist.FileStore(store_path, world), device="cuda:0", timeout_s=60.0)
@@ -53,6 +62,7 @@ def transport_rank(rank: int, world: int, store_path: str, steps: int, delay: tu
             errors.append(f"broadcast step {step} from {src}")
     tr.synchronize()
     generations = {p: link.generation for p, link in tr._send.items()}
+    capacities = [link.channel.capacity for link in (*tr._send.values(), *tr._recv.values())]
     tr.all_gather_object(None)  # every rank got every message before any closes
     tr.close()
-    return errors, generations
+    return errors, generations, capacities

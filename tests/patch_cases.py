@@ -5,7 +5,7 @@ agree to ~1e-12, far below what a wrong halo, slot or moment moves.
 A case: kind, size (the call's height and width), steps, warm_up, sync_mode, transport, calls (pipeline calls in
 a row), kill_rank (that rank exits at step 2), timeout_s, rank_mode (sync_mode per rank), patches, call (extra
 call kwargs), device ("cuda": float32 without TF32, tests/cuda/test_patch_cuda.py), dtype (on CUDA: "float64"),
-graphs (PatchParallel's).
+graphs (PatchParallel's), env (environment variables set for the case, e.g. the transports' slot cap).
 Every rank returns per case ("ok", [latents per call, on the CPU], bytes per step, graphs captured) or ("error",
 type, message).
 """
@@ -20,10 +20,14 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
     torch.set_num_threads(1)
     from asyncdiff_rt import PatchParallel
 
+    import os
+
     results = []
     for case in cases:
         pipe = pipe_of(case["kind"], case.get("device", "cpu"), case.get("dtype"))
         pp = None
+        saved = {k: os.environ.get(k) for k in case.get("env", {})}
+        os.environ.update(case.get("env", {}))
         try:
             mode = case["rank_mode"][rank] if "rank_mode" in case else case.get("sync_mode", "corrected_async_gn")
             pp = PatchParallel(
@@ -47,6 +51,8 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
         finally:
             if pp is not None:
                 pp.remove()
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return results
 
 
@@ -135,3 +141,43 @@ def deferred_wait_order(rank: int, world: int, modes: list[str]) -> list:
         pp.remove()
         results.append(list(events))
     return results
+
+
+def kv_write_order(rank: int, world: int, mode: str) -> tuple[list, list]:
+    """The graph path on the CPU with the overlap paths on: the events ("await", step) of
+    `PatchExchange.await_deferred` and ("kv write", step) of every K/V projection into the exchange's buffer, in
+    order; and per K/V point whether both slots' K/V are the one buffer (Note [kv slots] in exchange.py)."""
+    import os
+
+    torch.set_num_threads(1)
+    from asyncdiff_rt import PatchParallel
+    from asyncdiff_rt.strategies.patches import exchange, graphs, layers
+
+    os.environ[graphs.OVERLAP_ENV] = "1"
+    events: list = []
+    await_deferred, project_into = exchange.PatchExchange.await_deferred, layers._project_into
+
+    def recorded_await(self):
+        events.append(("await", self.policy.step))
+        return await_deferred(self)
+
+    def recorded_project(linear, x, out):
+        if pp.exchange.frozen:  # the registering step writes into standalone tensors
+            events.append(("kv write", pp.exchange.policy.step))
+        return project_into(linear, x, out)
+
+    exchange.PatchExchange.await_deferred, layers._project_into = recorded_await, recorded_project
+    case = dict(kind="sd15", size=128, sync_mode=mode, steps=4, warm_up=2)
+    pipe = pipe_of("sd15")
+    pp = PatchParallel(pipe, warm_up=2, sync_mode=mode, transport="gloo")
+    pp.graphs.enabled = pp.graphs.executor.use_graphs = True  # as on CUDA (graphs.py)
+    with torch.no_grad():
+        pipe(**call_kwargs(case, rank))
+    ex = pp.exchange
+    shared = [
+        ex.mine[0][k]["kv"].data_ptr() == ex.mine[1][k]["kv"].data_ptr() == w[:, :, rank].data_ptr()
+        and all(ex.theirs[s][q][k]["kv"].data_ptr() == w[:, :, q].data_ptr() for s in (0, 1) for q in ex.peers)
+        for k, w in ex._kv.items()
+    ]
+    pp.remove()
+    return events, shared

@@ -5,7 +5,7 @@ the step, and the arguments' signature is one for the whole loop (the timestep i
 real capture and replay are tests/cuda/test_patch_cuda.py's."""
 
 import torch
-from patch_cases import deferred_wait_order, graph_path_keys
+from patch_cases import deferred_wait_order, graph_path_keys, kv_write_order
 
 from asyncdiff_rt.tools.launch import spawn
 
@@ -42,3 +42,17 @@ def test_forwards_with_exchanges_inside_wait_for_the_deferred_k_v_first():
                     waited = i > 0 and events[i - 1] == ("await", event[1])
                     assert waited == event[2], (rank, mode, event, events)
             assert [f[2] for f in forwards] == ([True] * 4 if mode == "sync_gn" else [True, False, False, False])
+
+
+def test_a_stale_step_writes_its_own_k_v_only_after_the_wait_for_the_k_v_in_flight():
+    """K/V have one buffer per point, not one per slot (Note [kv slots] in exchange.py): the K/V sent after step k
+    are read from the part step k+1 overwrites, so every steady step's first K/V projection into the buffer comes
+    after that step's wait for the deferred exchange (on CUDA an event wait: the send has left), and both slots'
+    K/V are views of the one buffer."""
+    per_rank = spawn(kv_write_order, 2, "corrected_async_gn", timeout_s=600)
+    for rank, (events, shared) in enumerate(per_rank):
+        assert shared and all(shared), (rank, shared)
+        # 4 PNDM steps call the denoiser 5 times, warm_up=2: steps 2, 3, 4 are steady
+        for step in (2, 3, 4):
+            mine = [e for e in events if e[1] == step]
+            assert mine and mine[0] == ("await", step) and ("kv write", step) in mine, (rank, step, events)

@@ -21,6 +21,7 @@ from spawn_cases import WorldResults, ok
 from asyncdiff_rt import ConfigError, PatchParallel
 from asyncdiff_rt.strategies.patches import SYNC_MODES
 from asyncdiff_rt.tools.launch import WorkerError, spawn
+from asyncdiff_rt.transport.pieces import SLOT_ENV
 
 TIGHT = 1e-8  # float64: runtime and simulator differ by summation order only (~1e-13)
 FAR = 1e-3  # stale values move the latents far more than that
@@ -44,7 +45,12 @@ CASES_2 = {
 CASES_3 = {
     f"sdxl_p3_{m}": dict(kind="sdxl", size=96, sync_mode=m, steps=3, warm_up=1)
     for m in ("corrected_async_gn", "full_sync")
-}
+} | {  # 64 KiB slots: every K/V message travels in pieces (transport/shm.py, Note [slot cap])
+    "sdxl_p3_shm_pieces": dict(
+        kind="sdxl", size=96, sync_mode="corrected_async_gn", steps=3, warm_up=1, transport="shm",
+        env={SLOT_ENV: "0.0625"},
+    ),
+}  # fmt: skip
 
 CASES_4 = {"sd15_cfg": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=1, cfg=True)}
 
@@ -117,6 +123,17 @@ def test_three_patches_equal_the_simulator(mode):
         torch.testing.assert_close(got[0], ref, rtol=0, atol=TIGHT, msg=f"rank {rank}")
     if mode == "full_sync":
         torch.testing.assert_close(ref, plain(case), rtol=0, atol=TIGHT)
+
+
+def test_shm_with_messages_in_pieces_equals_the_simulator():
+    """Three patches over shm with 64 KiB slots: the closing exchanges (K/V to both peers, halos to one) are cut
+    into pieces issued round by round, and the result is still the simulator's."""
+    case = CASES_3["sdxl_p3_shm_pieces"]
+    ref = simulated(case, patches=3)
+    per_rank = results(3, CASES_3)["sdxl_p3_shm_pieces"]
+    for rank, got in enumerate(ok(per_rank)):
+        assert per_rank[rank][2]["kv"] > 4 * 64 * 1024, per_rank[rank][2]  # several pieces per peer and step
+        torch.testing.assert_close(got[0], ref, rtol=0, atol=TIGHT, msg=f"rank {rank}")
 
 
 def test_cfg_parallel_on_four_processes_equals_the_simulator():

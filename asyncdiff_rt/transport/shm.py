@@ -18,6 +18,16 @@ this transport, ordered after the caller's current stream and before the caller'
 ordering] in csrc/streams.h); the host never synchronises in steady state except to keep at most
 `max_inflight` exchanges outstanding, which is also where a stalled or dead peer is noticed (the timeout).
 
+Note [slot cap]: a message larger than `slot_bytes` (ASYNCDIFF_RT_SLOT_MB, default 128 MiB, rank 0's value on
+every rank) travels as several pieces (pieces.py), each one message of its channel, so a channel's two slots
+never exceed twice the cap. Without it a channel grew to its largest message: PatchParallel's K/V (SDXL at 2048 px,
+P = 4: 0.84 GB to each of 3 peers) took 1.6 GB of exported device memory per peer pair, 20 GB on one device in the
+emulation, and P = 4 did not fit an 80 GB H100. An exchange issues its pieces round by round (piece i to every
+peer, then piece i from every peer), so the copy into a slot and the copy out of the other overlap. The one
+difference it makes: a send of more than two pieces completes only once its receiver has taken all but the last
+two, so its receive must not wait for a later call of the sender (true of every exchange our strategies issue:
+each rank issues the same calls in the same order).
+
 Note [shm watchdog]: a GPU stream blocked on a flag that a dead peer will never write would hang whatever host
 call waits on that stream next (a `.cpu()`, a synchronize), outside any transport call. A watchdog thread per
 GPU transport therefore polls the completion of every outstanding exchange (words the streams write into the
@@ -43,6 +53,7 @@ from typing import Any
 import torch
 
 from .base import TransportError
+from .pieces import default_slot_bytes, split
 from .rendezvous import StoreRendezvous, group_store
 from .stream import StreamTransport, nbytes
 from .watchdog import WatchdogThread
@@ -149,6 +160,8 @@ class ShmTransport(StreamTransport):
             lambda: f"adrt{os.getpid()}_{secrets.token_hex(4)}".encode(),
             f"the {self.name} name prefix (set-up)",
         ).decode()
+        mine = default_slot_bytes()  # every rank checks its own setting; rank 0's is used (Note [slot cap])
+        self.slot_bytes = int(self._rdv.from_rank0("slot", lambda: str(mine).encode(), "the slot cap (set-up)"))
         self._send: dict[int, _Link] = {}
         self._recv: dict[int, _Link] = {}
         # Sends (D2H) and receives (H2D) on two streams, so the two copy directions overlap.
@@ -228,14 +241,17 @@ class ShmTransport(StreamTransport):
                 raise ValueError(f"{self.name} transport on {self.device} got a tensor on {t.device}")
 
     def prepare(self, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]]) -> None:
-        # Send channels first: opening a receive channel waits for its creator, who creates its sends first.
-        for peer in sorted(sends):
-            self._link(peer, True, self._packed(sends[peer]))
-        for peer in sorted(recvs):
-            self._link(peer, False, self._packed(recvs[peer]))
+        self._size_links(self._pieces(sends), self._pieces(recvs))
 
-    def _packed(self, tensors: list[torch.Tensor]) -> int:
-        return self._C.ShmChannel.packed_size([(0, nbytes(t)) for t in tensors])
+    def _pieces(self, tensors: dict[int, list[torch.Tensor]]) -> dict[int, list[list[tuple[int, int]]]]:
+        """Each peer's message as pieces that fit one slot (Note [slot cap])."""
+        return {p: split([(t.data_ptr(), nbytes(t)) for t in ts], self.slot_bytes) for p, ts in tensors.items()}
+
+    def _size_links(self, sends: dict[int, list], recvs: dict[int, list]) -> None:
+        # Send channels first: opening a receive channel waits for its creator, who creates its sends first.
+        for table, sending in ((sends, True), (recvs, False)):
+            for peer in sorted(table):
+                self._link(peer, sending, max(self._C.ShmChannel.packed_size(piece) for piece in table[peer]))
 
     # -- data movement ------------------------------------------------------------------------------------------
     def _fail(self, what: str, peer: int, step: int, err: Exception) -> TransportError:
@@ -260,13 +276,11 @@ class ShmTransport(StreamTransport):
             p: [t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]
             for p, ts in recvs.items()
         }
-        for peer in sorted(send_parts):
-            self._link(peer, True, self._packed(send_parts[peer]))
-        for peer in sorted(recv_bufs):
-            self._link(peer, False, self._packed(recv_bufs[peer]))
+        send_pieces, recv_pieces = self._pieces(send_parts), self._pieces(recv_bufs)
+        self._size_links(send_pieces, recv_pieces)
         self._last_step = step
         if not self._cuda:
-            self._run(what, step, send_parts, recv_bufs, 0, 0, None)
+            self._run(what, step, send_pieces, recv_pieces, 0, 0, None)
         else:
             capturing = torch.cuda.is_current_stream_capturing()
             if not capturing:
@@ -277,7 +291,13 @@ class ShmTransport(StreamTransport):
             self._recv_stream.wait_stream(current)
             issued: list[tuple[_Link, int]] = []
             self._run(
-                what, step, send_parts, recv_bufs, self._send_stream.cuda_stream, self._recv_stream.cuda_stream, issued
+                what,
+                step,
+                send_pieces,
+                recv_pieces,
+                self._send_stream.cuda_stream,
+                self._recv_stream.cuda_stream,
+                issued,
             )
             current.wait_stream(self._send_stream)
             current.wait_stream(self._recv_stream)
@@ -289,25 +309,27 @@ class ShmTransport(StreamTransport):
                 if buf is not t:
                     t.copy_(buf)
 
-    def _run(self, what, step, send_parts, recv_bufs, send_stream: int, recv_stream: int, issued: list | None):
-        for peer in sorted(send_parts):
-            link = self._send[peer]
-            link.seq += 1
-            try:
-                link.channel.send(link.seq, [(t.data_ptr(), nbytes(t)) for t in send_parts[peer]], send_stream)
-            except RuntimeError as err:
-                raise self._fail(what, peer, step, err) from err
-            if issued is not None:
-                issued.append((link, link.seq))
-        for peer in sorted(recv_bufs):
-            link = self._recv[peer]
-            link.seq += 1
-            try:
-                link.channel.recv(link.seq, [(t.data_ptr(), nbytes(t)) for t in recv_bufs[peer]], recv_stream)
-            except RuntimeError as err:
-                raise self._fail(what, peer, step, err) from err
-            if issued is not None:
-                issued.append((link, link.seq))
+    def _run(self, what, step, sends, recvs, send_stream: int, recv_stream: int, issued: list | None):
+        """Issue every peer's pieces round by round: piece i to every peer, then piece i from every peer (Note
+        [slot cap]); `issued` gets each link's last seq (its completion implies the earlier ones')."""
+        rounds = max((len(pieces) for pieces in itertools.chain(sends.values(), recvs.values())), default=0)
+        for i in range(rounds):
+            for table, links, stream, op in (
+                (sends, self._send, send_stream, "send"),
+                (recvs, self._recv, recv_stream, "recv"),
+            ):
+                for peer in sorted(table):
+                    if i >= len(table[peer]):
+                        continue
+                    link = links[peer]
+                    link.seq += 1
+                    try:
+                        getattr(link.channel, op)(link.seq, table[peer][i], stream)
+                    except RuntimeError as err:
+                        raise self._fail(what, peer, step, err) from err
+        if issued is not None:
+            issued += [(self._send[p], self._send[p].seq) for p in sorted(sends)]
+            issued += [(self._recv[p], self._recv[p].seq) for p in sorted(recvs)]
 
     def _throttle(self, keep: int) -> None:
         """Host-wait (with the timeout) until at most `keep` GPU exchanges are outstanding."""

@@ -169,9 +169,24 @@ def test_ipc_transport_cuda(C, tmp_path, world):
     delay = (world - 1, 7, 0.5)  # the last rank stalls its host at step 7
     procs = [_spawn(transport_rank, r, world, store_path, 14, delay) for r in range(world)]
     results = [_collect(p, q) for p, q in procs]
-    assert [errors for errors, _ in results] == [[]] * world
-    for _, generations in results:  # messages grew twice: generations 0, 1, 2 of every channel
+    assert [errors for errors, _, _ in results] == [[]] * world
+    for _, generations, _ in results:  # messages grew twice: generations 0, 1, 2 of every channel
         assert set(generations.values()) == {2}, generations
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ipc_transport_cuda_in_pieces(C, tmp_path, world):
+    """With a 256 KiB slot cap the messages of steps >= 5 (338 KB, then 3.4 MB per peer) travel in pieces
+    (transport/shm.py, Note [slot cap]): every receive still lands, and the channels grow once, to the cap."""
+    from ipc_cases import transport_rank
+
+    store_path = str(tmp_path / "store")
+    procs = [_spawn(transport_rank, r, world, store_path, 14, (world - 1, 7, 0.5), "0.25") for r in range(world)]
+    results = [_collect(p, q) for p, q in procs]
+    assert [errors for errors, _, _ in results] == [[]] * world
+    for _, generations, capacities in results:
+        assert set(generations.values()) == {1}, generations
+        assert max(capacities) <= 256 * 1024, capacities
 
 
 @pytest.mark.parametrize("host_sync_first", [False, True], ids=["transport_sync", "host_sync"])

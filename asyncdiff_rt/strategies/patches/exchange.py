@@ -15,17 +15,21 @@ step k-1 (`no_sync`: of step W-1), which nothing writes during step k, so the ne
 reads. The buffers keep their addresses for the life of a signature, as CUDA-graph capture will need.
 
 Note [kv slots]: self-attention reads every patch's keys and values as one tensor, so K/V are not laid out with the
-other regions: each point's slot holds one buffer (2, batch, P, tokens, inner) whose part [:, :, p] is patch p's
-(this rank's part is its `mine`, the others' their `theirs`), and attention reads K = buffer[0] and V = buffer[1]
-whole as (batch, P x tokens, inner), the layout a concatenation of the patches' would have, with no concatenation.
-K/V-major with the batch outside the patches so that each projection's GEMM per batch row writes one contiguous
-(tokens, inner) block, and a part travels as 2 x batch contiguous blocks (`_pieces`); the patch-major layout
-before it (P, tokens, batch, 2, inner) made attention and the GEMMs 6 to 30 % slower than the concatenation
-(benchmarks/results/patch_attention_NVIDIA_H200.md). Own K/V therefore go into the buffer whose other parts hold
-what this step reads: an exact step's (`kv_slot` = k % 2, filled by the fresh exchange), a stale step's the read
-slot's (step k-1's values, W-1's under `no_sync`). A stale step's own K/V are sent from there; the packed
-exchange after step k still receives into slot k % 2, which step k+1 reads and writes. The own part overwritten
-is never read (own K/V are always fresh) and has been sent before step k+1 reads the slot (Note [deferred K/V]).
+other regions: each point holds one buffer (2, batch, P, tokens, inner) whose part [:, :, p] is patch p's (this
+rank's part is its `mine`, the others' their `theirs`, in both slots: K/V are not double buffered), and attention
+reads K = buffer[0] and V = buffer[1] whole as (batch, P x tokens, inner), the layout a concatenation of the
+patches' would have, with no concatenation. K/V-major with the batch outside the patches so that each projection's
+GEMM per batch row writes one contiguous (tokens, inner) block, and a part travels as 2 x batch contiguous blocks
+(`_pieces`); the patch-major layout before it (P, tokens, batch, 2, inner) made attention and the GEMMs 6 to 30 %
+slower than the concatenation (benchmarks/results/patch_attention_NVIDIA_H200.md).
+One buffer, not one per slot: K/V are every patch's whole keys and values (SDXL at 2048 px: 3.4 GB per rank, as
+much as the UNet's weights), and a second copy kept P = 4 from fitting one 80 GB device in the emulation. It is
+safe because nothing writes a part while it is still read or sent: an exact step writes its own part and receives
+the others' at the point (its forward first waits for any K/V still in flight, Note [deferred K/V]); a stale step
+reads the others' parts, which the closing exchange after it overwrites only once the forward is done (the
+transport's streams wait for the caller's), and writes its own part only after the K/V sent after the previous
+step have left (`kv_buffer` waits for that exchange before the first projection writes). Own K/V are always
+fresh, so the own part is never read stale.
 
 Note [dtype order]: the packed exchange sends each dtype's spans one after the other, and the receiver unpacks them
 in its own order, so every rank must lay the dtypes out in the same order: by name, not in the iteration order of a
@@ -39,9 +43,9 @@ Note [deferred K/V]: K/V are most of what a stale step sends (SDXL 2048 px, P = 
 step first reads them at its first self-attention, after the outermost resnets; halos and moments are read at
 once. So the closing exchange after step k is two: the output rows with the halos and moments, which the caller's
 stream waits for (the pipeline needs ε), then K/V on a side stream (transport/deferred.py), which step k+1 waits
-for at its first stale K/V read, also as a node of its CUDA graph. That wait also orders step k+1's own K/V writes
-after the send of the slot they overwrite, and the next closing exchange after this one (the transports' streams
-run in issue order). On by default (graphs.OVERLAP_ENV=0: the caller's stream waits for K/V at once). A forward
+for at its first K/V access, before the first projection writes its own part, also as a node of its CUDA graph.
+That wait also orders step k+1's own K/V writes after the send of the part they overwrite, and the next closing
+exchange after this one (the transports' streams run in issue order). On by default (graphs.OVERLAP_ENV=0: the caller's stream waits for K/V at once). A forward
 with exchanges at its points (exact steps, `sync_gn`) waits for the deferred K/V before it starts
 (`await_deferred`): replayed from a graph, its channel ops would otherwise run beside the transfer on the same
 channels (a captured op keeps the slot parity of its capture and is ordered only by the graph, not behind the eager
@@ -103,7 +107,7 @@ class PatchExchange:
         self._flat_mine: list[dict] = [{}, {}]  # [slot][dtype] -> flat buffer (after freezing)
         self._flat_theirs: list[dict] = [{}, {}]  # [slot][peer][dtype]
         self._spans: dict[torch.dtype, dict[str, tuple[int, int]]] = {}  # dtype -> region -> (start, end)
-        self._kv: list[dict] = [{}, {}]  # [slot][point] -> (2, batch, P, tokens, inner), every patch's K/V
+        self._kv: dict[tuple, torch.Tensor] = {}  # point -> (2, batch, P, tokens, inner), every patch's K/V
         self.policy = StepPolicy("full_sync", 1, 0)
         self.read_slot = 0
         self._calls: dict[str, int] = {}
@@ -141,22 +145,25 @@ class PatchExchange:
         self._calls[name] = index + 1
         return (name, index)
 
-    @property
-    def kv_slot(self) -> int:
-        """The slot whose K/V buffers this step's self-attention reads and writes its own K/V into (Note [kv slots])."""
-        return self.policy.step % 2 if self.policy.exact else self.read_slot
-
     def kv_buffer(self, key: tuple) -> torch.Tensor | None:
-        """Every patch's K/V at point `key` for this step, (2, batch, P, tokens, inner): the layer writes its own
-        part [:, :, rank] in place and reads the whole (Note [kv slots]); None before the layout exists."""
-        if not self.frozen or key not in self._kv[0]:
+        """Every patch's K/V at point `key`, (2, batch, P, tokens, inner): the layer writes its own part
+        [:, :, rank] in place and reads the whole (Note [kv slots]); None before the layout exists. A stale step's
+        first call waits for the K/V still in flight, before its own part is overwritten (Note [deferred K/V])."""
+        if not self.frozen or key not in self._kv:
             return None
-        return self._kv[self.kv_slot][key]
+        if not self.policy.exact:
+            self._await_kv_once()
+        return self._kv[key]
 
     def await_deferred(self) -> None:
         """The current stream waits for the last deferred K/V exchange (Note [deferred K/V]): at a step's first
-        stale K/V read, and before a forward with exchanges at its points."""
+        K/V access, and before a forward with exchanges at its points."""
         self._kv_transfer.await_received()
+
+    def _await_kv_once(self) -> None:
+        if not self._kv_awaited:
+            self.await_deferred()
+            self._kv_awaited = True
 
     def share(self, key: tuple, own: dict[str, torch.Tensor], fresh: bool, full_bytes: int = 0) -> tuple[dict, dict]:
         """Publish this rank's `own` region values at point `key`; return (own, others): own[region] is this
@@ -174,10 +181,10 @@ class PatchExchange:
             )
         if self.policy.writes_own:
             for region, value in own.items():
-                dst = self.mine[self.kv_slot if region == "kv" else slot][key][region]
+                dst = self.mine[slot][key][region]
                 if value.data_ptr() != dst.data_ptr():  # not made in place (`kv_buffer`)
                     dst.copy_(value)
-        if fresh:  # K/V fresh only on exact steps, where kv_slot = slot
+        if fresh:
             if self.world > 1:
                 mine, theirs = self.mine[slot][key], self.theirs[slot]
                 sends = {q: [t for r in own if r in self.wanted_from_me(q) for t in _pieces(r, mine[r])]
@@ -188,11 +195,10 @@ class PatchExchange:
             read = slot
         else:
             read = self.read_slot
-            if "kv" in own and not self._kv_awaited:  # the first stale K/V read of the step (Note [deferred K/V])
-                self.await_deferred()
-                self._kv_awaited = True
+            if "kv" in own:  # the first stale K/V read of the step (Note [deferred K/V])
+                self._await_kv_once()
         others = {r: {q: self.theirs[read][q][key][r] for q in self.peers if r in self.wanted_of(q)} for r in own}
-        return {r: self.mine[self.kv_slot if r == "kv" else read][key][r] for r in own}, others
+        return {r: self.mine[read][key][r] for r in own}, others
 
     def end_step(self, rows: torch.Tensor) -> torch.Tensor:
         """After the forward: every patch's output `rows` on every rank, in row order (axis -2), and the packed
@@ -207,7 +213,7 @@ class PatchExchange:
             if self._gather is None or self._gather[self.peers[0]].shape != rows.shape:
                 self._gather = {q: torch.empty_like(rows) for q in self.peers}
             regions = self.policy.packed_regions
-            sends, recvs, kv_sends, kv_recvs = self._closing(slot, self.kv_slot, regions, rows)
+            sends, recvs, kv_sends, kv_recvs = self._closing(slot, regions, rows)
             self.transport.exchange(self.policy.step, sends, recvs)
             if "kv" in regions:
                 self._kv_transfer.exchange(self.policy.step, kv_sends, kv_recvs)
@@ -221,24 +227,22 @@ class PatchExchange:
         shm replaces a channel that a message outgrows, and a captured op would keep writing the old one."""
         if not self.frozen or self.world == 1 or not regions or self._gather is None:
             return
-        sends, recvs, kv_sends, kv_recvs = self._closing(0, 0, regions, self._gather[self.peers[0]])
+        sends, recvs, kv_sends, kv_recvs = self._closing(0, regions, self._gather[self.peers[0]])
         for s, r in ((sends, recvs), (kv_sends, kv_recvs)):
             self.transport.prepare({q: v for q, v in s.items() if v}, {q: v for q, v in r.items() if v})
 
-    def _closing(self, slot: int, kv_slot: int, regions: tuple[str, ...], rows: torch.Tensor) -> tuple:
+    def _closing(self, slot: int, regions: tuple[str, ...], rows: torch.Tensor) -> tuple:
         """The lists per peer of a step's closing exchanges: (sends, receives) of the rows, then the flat spans of
-        `regions` (into `slot`); (sends, receives) of each point's K/V part in registration order (sent from
-        `kv_slot`, Note [kv slots]), empty unless "kv" is in `regions`."""
+        `regions` (into `slot`); (sends, receives) of each point's K/V part in registration order (Note [kv
+        slots]), empty unless "kv" is in `regions`."""
         sends, recvs, kv_sends, kv_recvs = {}, {}, {}, {}
         kv = "kv" in regions
-        own_kv = (
-            [t for whole in self._kv[kv_slot].values() for t in _pieces("kv", whole[:, :, self.rank])] if kv else []
-        )
+        own_kv = [t for whole in self._kv.values() for t in _pieces("kv", whole[:, :, self.rank])] if kv else []
         for q in self.peers:
             sends[q] = [rows] + self._spans_of(self._flat_mine[slot], self.wanted_from_me(q), regions)
             recvs[q] = [self._gather[q]] + self._spans_of(self._flat_theirs[slot][q], self.wanted_of(q), regions)
             kv_sends[q] = own_kv  # every peer gets the same own K/V
-            kv_recvs[q] = [t for whole in self._kv[slot].values() for t in _pieces("kv", whole[:, :, q])] if kv else []
+            kv_recvs[q] = [t for whole in self._kv.values() for t in _pieces("kv", whole[:, :, q])] if kv else []
         return sends, recvs, kv_sends, kv_recvs
 
     # ---- layout -----------------------------------------------------------------------------------------------------
@@ -271,18 +275,21 @@ class PatchExchange:
         for slot in (0, 1):
             self._flat_mine[slot] = self._flatten(self.mine[slot], sizes)
             self._flat_theirs[slot] = {q: self._flatten(self.theirs[slot][q], sizes) for q in self.peers}
-            for key, entries in self.entries.items():
-                if "kv" in entries:
-                    self._kv[slot][key] = self._whole_kv(slot, key, entries["kv"])
+        for key, entries in self.entries.items():
+            if "kv" in entries:
+                self._kv[key] = self._whole_kv(key, entries["kv"])
         self.frozen = True
 
-    def _whole_kv(self, slot: int, key: tuple, entry: _Entry) -> torch.Tensor:
+    def _whole_kv(self, key: tuple, entry: _Entry) -> torch.Tensor:
+        """The one K/V buffer of point `key`, holding the first step's values; both slots' K/V are views of it
+        (Note [kv slots]): the registering step is exact, so both slots hold its values."""
         kv, batch, *rest = entry.shape  # the own part's (2, batch, tokens, inner)
         whole = torch.empty((kv, batch, self.world, *rest), dtype=entry.dtype, device=self.device)
+        slot = self.policy.step % 2
         for q in range(self.world):
-            values = self.mine[slot][key] if q == self.rank else self.theirs[slot][q][key]
-            whole[:, :, q].copy_(values["kv"])
-            values["kv"] = whole[:, :, q]
+            whole[:, :, q].copy_((self.mine[slot][key] if q == self.rank else self.theirs[slot][q][key])["kv"])
+            for values in (self.mine[s][key] if q == self.rank else self.theirs[s][q][key] for s in (0, 1)):
+                values["kv"] = whole[:, :, q]
         return whole
 
     def _flatten(self, values: dict, sizes: dict) -> dict:
