@@ -18,9 +18,9 @@ from spawn_cases import DTYPE, call_kwargs, latents, pipe_of  # noqa: F401 - the
 
 def run_cases(rank: int, world: int, cases: list[dict]) -> list:
     torch.set_num_threads(1)
-    from asyncdiff_rt import PatchParallel
-
     import os
+
+    from asyncdiff_rt import PatchParallel
 
     results = []
     for case in cases:

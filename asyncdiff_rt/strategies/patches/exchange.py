@@ -45,12 +45,12 @@ once. So the closing exchange after step k is two: the output rows with the halo
 stream waits for (the pipeline needs ε), then K/V on a side stream (transport/deferred.py), which step k+1 waits
 for at its first K/V access, before the first projection writes its own part, also as a node of its CUDA graph.
 That wait also orders step k+1's own K/V writes after the send of the part they overwrite, and the next closing
-exchange after this one (the transports' streams run in issue order). On by default (graphs.OVERLAP_ENV=0: the caller's stream waits for K/V at once). A forward
-with exchanges at its points (exact steps, `sync_gn`) waits for the deferred K/V before it starts
-(`await_deferred`): replayed from a graph, its channel ops would otherwise run beside the transfer on the same
-channels (a captured op keeps the slot parity of its capture and is ordered only by the graph, not behind the eager
-ops on the transport's streams) — the cuda tier's `sync_gn` graphs differed from eager by 0.1 without it (H200,
-2026-12-03; the cuda tier passes with it).
+exchange after this one (the transports' streams run in issue order). On by default (graphs.OVERLAP_ENV=0: the
+caller's stream waits for K/V at once). A forward with exchanges at its points (exact steps, `sync_gn`) waits for
+the deferred K/V before it starts (`await_deferred`): replayed from a graph, its channel ops would otherwise run
+beside the transfer on the same channels (a captured op keeps the slot parity of its capture and is ordered only by
+the graph, not behind the eager ops on the transport's streams) — the cuda tier's `sync_gn` graphs differed from
+eager by 0.1 without it (H200, 2026-12-03; the cuda tier passes with it).
 """
 
 from __future__ import annotations
