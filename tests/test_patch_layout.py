@@ -46,3 +46,22 @@ def test_every_process_lays_the_dtypes_out_alike():
     orders = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert orders == [["torch.float16", "torch.float32"]] * 4, orders
+
+
+def test_k_v_are_held_once_for_both_slots_from_registration_on():
+    """Every patch's K/V are the largest buffers (SDXL at 2048 px: 3.4 GB per rank), so both slots share one copy
+    (Note [kv slots] in exchange.py), already while the first step registers them (its memory peak)."""
+    ex = PatchExchange(0, 3, None, torch.device("cpu"))
+    ex._register(("attn", 0), {"kv": torch.ones(2, 1, 4, 8)}, 0)
+    ex._register(("conv", 0), {"top": torch.ones(1, 4, 2, 8), "bottom": torch.ones(1, 4, 2, 8)}, 0)
+    for values in [ex.mine, *([ex.theirs[s][q] for s in (0, 1)] for q in ex.peers)]:
+        assert values[0][("attn", 0)]["kv"] is values[1][("attn", 0)]["kv"]
+        assert values[0][("conv", 0)]["top"] is not values[1][("conv", 0)]["top"]  # halos stay double buffered
+    ex._freeze()
+    (whole,) = ex._kv.values()
+    assert whole.shape == (2, 1, 3, 4, 8)
+    for s in (0, 1):
+        assert ex.mine[s][("attn", 0)]["kv"].data_ptr() == whole[:, :, 0].data_ptr()
+        assert [ex.theirs[s][q][("attn", 0)]["kv"].data_ptr() for q in (1, 2)] == [
+            whole[:, :, q].data_ptr() for q in (1, 2)
+        ]

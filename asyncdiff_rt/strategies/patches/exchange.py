@@ -253,10 +253,11 @@ class PatchExchange:
         self.full_bytes[key] = full_bytes
         # standalone until the layout is frozen, then views into the flat buffers; zeros, not empty: the regions a
         # peer never sends (the far halo) are copied into the flat buffers too, and should not hold garbage there
-        for slot in (0, 1):
-            self.mine[slot][key] = {r: torch.zeros_like(v) for r, v in own.items()}
-            for q in self.peers:
-                self.theirs[slot][q][key] = {r: torch.zeros_like(v) for r, v in own.items()}
+        # K/V once for both slots (Note [kv slots]): the registering step's copies are the memory peak otherwise
+        for values in [self.mine] + [[self.theirs[s][q] for s in (0, 1)] for q in self.peers]:
+            kv = {r: torch.zeros_like(v) for r, v in own.items() if r == "kv"}
+            for slot in (0, 1):
+                values[slot][key] = {r: kv[r] if r == "kv" else torch.zeros_like(v) for r, v in own.items()}
 
     def _freeze(self) -> None:
         """Lay every point's values out flat, region-major per dtype, K/V apart (Note [kv slots]), and move the
