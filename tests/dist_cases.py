@@ -12,9 +12,26 @@ blocks + replicated counted apart).
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 
 import torch
+
+
+def set_case_env(case: dict) -> Callable[[], None]:
+    """Set the case's environment variables (`env`, e.g. the transports' slot cap) and return what restores them."""
+    saved = {k: os.environ.get(k) for k in case.get("env", {})}
+    os.environ.update(case.get("env", {}))
+
+    def restore() -> None:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    return restore
 
 
 def build(kind: str, device: str = "cpu"):
@@ -123,6 +140,7 @@ def run_cases(rank: int, world: int, cases: list[dict]):
         if case.get("dtype_on_rank1") and rank == 1:
             pipe.unet.to(case["dtype_on_rank1"])
         plan = case.get("rank_plans", [case.get("plan")] * world)[rank]
+        restore_env = set_case_env(case)
         result: dict = {"status": "ok"}
         ad = None
         t_calls = None
@@ -180,5 +198,6 @@ def run_cases(rank: int, world: int, cases: list[dict]):
                 result["after_remove"] = ("ok", "")
             except Exception as err:  # noqa: BLE001
                 result["after_remove"] = (type(err).__name__, str(err))
+        restore_env()
         results.append(result)
     return results

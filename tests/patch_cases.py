@@ -18,7 +18,7 @@ from spawn_cases import DTYPE, call_kwargs, latents, pipe_of  # noqa: F401 - the
 
 def run_cases(rank: int, world: int, cases: list[dict]) -> list:
     torch.set_num_threads(1)
-    import os
+    from dist_cases import set_case_env
 
     from asyncdiff_rt import PatchParallel
 
@@ -26,8 +26,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
     for case in cases:
         pipe = pipe_of(case["kind"], case.get("device", "cpu"), case.get("dtype"))
         pp = None
-        saved = {k: os.environ.get(k) for k in case.get("env", {})}
-        os.environ.update(case.get("env", {}))
+        restore_env = set_case_env(case)
         try:
             mode = case["rank_mode"][rank] if "rank_mode" in case else case.get("sync_mode", "corrected_async_gn")
             pp = PatchParallel(
@@ -51,8 +50,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
         finally:
             if pp is not None:
                 pp.remove()
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            restore_env()
     return results
 
 

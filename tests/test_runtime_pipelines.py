@@ -13,6 +13,7 @@ from dist_cases import build, first_output, pipeline_kwargs, run_cases
 
 from asyncdiff_rt import simulate
 from asyncdiff_rt.tools.launch import spawn
+from asyncdiff_rt.transport.pieces import SLOT_ENV
 
 SD_DOWN = ["conv_in", "down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3"]
 SD_UP = ["mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3", "conv_out"]
@@ -59,6 +60,8 @@ FLUX_N2 = [
     ["single_transformer_blocks.1", "single_transformer_blocks.2", "single_transformer_blocks.3"],
 ]
 
+PIECES, BIG = {SLOT_ENV: "0.0625"}, {"height": 128, "width": 128}
+
 WORLD2 = {
     "sd15_n2": dict(kind="sd15", plan=SD_N2, steps=5),
     "sd21_n2_shift": dict(kind="sd21", plan=SD_N2, steps=5, time_shift=True, warm_up=2),
@@ -72,6 +75,8 @@ WORLD2 = {
     "sd15_full_weights": dict(kind="sd15", plan=SD_N2, steps=5, drop_weights=False),
     "sd15_shm": dict(kind="sd15", plan=SD_N2, steps=5, transport="shm"),
     "sdxl_shm_cut_up": dict(kind="sdxl", plan=SDXL_CUT_UP, steps=5, transport="shm"),
+    # 64 KiB slots: the warm-up chain's and the steady steps' larger messages travel in pieces (shm.py, Note [slot cap])
+    "sdxl_shm_pieces": dict(kind="sdxl", plan=SDXL_CUT_UP, steps=5, warm_up=2, transport="shm", env=PIECES, call=BIG),
     # PNDM (sd15) calls the denoiser num_inference_steps + 1 times: warm_up = steps still runs all of them exactly
     "sd15_exact_warm_up": dict(kind="sd15", plan=SD_N2, steps=4, warm_up=4),
     "sd15_no_generator": dict(kind="sd15", plan=SD_N2, steps=3, no_generator=True, all_outputs=True, debug=True),
@@ -97,6 +102,7 @@ WORLD2 = {
     "sd15_call_after_remove": dict(kind="sd15", plan=SD_N2, steps=3, call_after_remove=True),
 }
 WORLD3 = {
+    "sd15_n3_shm_pieces": dict(kind="sd15", plan=SD_N3, steps=5, warm_up=2, transport="shm", env=PIECES, call=BIG),
     "sd15_n3": dict(kind="sd15", plan=SD_N3, steps=5),
     "sd15_n2_stride2": dict(kind="sd15", plan=SD_N2, stride=2, steps=6),
     "sdxl_n2_stride2_fresh": dict(kind="sdxl", plan=SDXL_N2, stride=2, steps=7, stride_eps="fresh", time_shift=True),
@@ -173,6 +179,7 @@ def assert_async_matches_simulator(case: dict, rank0: dict) -> None:
         "sd15_full_weights",
         "sd15_shm",
         "sdxl_shm_cut_up",
+        "sdxl_shm_pieces",
     ],
 )
 def test_world2_equals_simulator(world2, name):
