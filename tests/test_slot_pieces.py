@@ -8,7 +8,7 @@ from pieces_cases import run_all_to_all
 
 from asyncdiff_rt import native
 from asyncdiff_rt.tools.launch import spawn
-from asyncdiff_rt.transport.pieces import SLOT_ENV, default_slot_bytes, split
+from asyncdiff_rt.transport.pieces import ALIGNMENT, SLOT_ENV, default_slot_bytes, split
 
 KIB = 1024
 
@@ -22,6 +22,10 @@ def _covered(pieces):
         else:
             out.append([ptr, ptr + n])
     return out
+
+
+def test_the_cut_aligns_as_the_native_channel_packs():
+    assert ALIGNMENT == native.load().ShmChannel.PART_ALIGNMENT
 
 
 def test_parts_that_fit_stay_one_piece_unchanged():

@@ -12,8 +12,8 @@ import os
 
 __all__ = ["SLOT_ENV", "default_slot_bytes", "split"]
 
-ALIGNMENT = 256  # csrc/shm_channel.h: ShmChannel::kPartAlignment
-GRANULE = 64 * 1024  # a slot cap is a multiple of the channels' capacity granule (shm.py _MIN_CAPACITY)
+ALIGNMENT = 256  # csrc/shm_channel.h: ShmChannel::kPartAlignment (tests/test_slot_pieces.py checks they agree)
+GRANULE = 64 * 1024  # the channels' capacity granule (shm.py): a slot cap is a multiple of it
 SLOT_ENV = "ASYNCDIFF_RT_SLOT_MB"  # the slot cap in MiB (default 128)
 _DEFAULT_MB = 128
 

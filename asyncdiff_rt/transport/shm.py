@@ -53,14 +53,14 @@ from typing import Any
 import torch
 
 from .base import TransportError
-from .pieces import default_slot_bytes, split
+from .pieces import GRANULE, default_slot_bytes, split
 from .rendezvous import StoreRendezvous, group_store
 from .stream import StreamTransport, nbytes
 from .watchdog import WatchdogThread
 
 __all__ = ["ShmTransport", "StoreRendezvous", "group_store"]
 
-_MIN_CAPACITY = 64 * 1024
+_MIN_CAPACITY = GRANULE  # a channel's capacity is a multiple of it (and so is the slot cap, pieces.py)
 _open_transports: weakref.WeakSet = weakref.WeakSet()
 
 

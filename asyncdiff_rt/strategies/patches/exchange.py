@@ -151,19 +151,15 @@ class PatchExchange:
         first call waits for the K/V still in flight, before its own part is overwritten (Note [deferred K/V])."""
         if not self.frozen or key not in self._kv:
             return None
-        if not self.policy.exact:
-            self._await_kv_once()
+        if not self.policy.exact and not self._kv_awaited:
+            self.await_deferred()
+            self._kv_awaited = True
         return self._kv[key]
 
     def await_deferred(self) -> None:
-        """The current stream waits for the last deferred K/V exchange (Note [deferred K/V]): at a step's first
-        K/V access, and before a forward with exchanges at its points."""
+        """The current stream waits for the last deferred K/V exchange (Note [deferred K/V]): at a stale step's
+        first K/V access, and before a forward with exchanges at its points."""
         self._kv_transfer.await_received()
-
-    def _await_kv_once(self) -> None:
-        if not self._kv_awaited:
-            self.await_deferred()
-            self._kv_awaited = True
 
     def share(self, key: tuple, own: dict[str, torch.Tensor], fresh: bool, full_bytes: int = 0) -> tuple[dict, dict]:
         """Publish this rank's `own` region values at point `key`; return (own, others): own[region] is this
@@ -194,9 +190,7 @@ class PatchExchange:
                 self.transport.exchange(self.policy.step, sends, recvs)
             read = slot
         else:
-            read = self.read_slot
-            if "kv" in own:  # the first stale K/V read of the step (Note [deferred K/V])
-                self._await_kv_once()
+            read = self.read_slot  # stale K/V: `kv_buffer` waited for them (Note [deferred K/V])
         others = {r: {q: self.theirs[read][q][key][r] for q in self.peers if r in self.wanted_of(q)} for r in own}
         return {r: self.mine[read][key][r] for r in own}, others
 
@@ -282,14 +276,14 @@ class PatchExchange:
         self.frozen = True
 
     def _whole_kv(self, key: tuple, entry: _Entry) -> torch.Tensor:
-        """The one K/V buffer of point `key`, holding the first step's values; both slots' K/V are views of it
-        (Note [kv slots]): the registering step is exact, so both slots hold its values."""
+        """The one K/V buffer of point `key`, holding the registering step's values; both slots' K/V become views
+        of it (Note [kv slots])."""
         kv, batch, *rest = entry.shape  # the own part's (2, batch, tokens, inner)
         whole = torch.empty((kv, batch, self.world, *rest), dtype=entry.dtype, device=self.device)
-        slot = self.policy.step % 2
         for q in range(self.world):
-            whole[:, :, q].copy_((self.mine[slot][key] if q == self.rank else self.theirs[slot][q][key])["kv"])
-            for values in (self.mine[s][key] if q == self.rank else self.theirs[s][q][key] for s in (0, 1)):
+            both = [self.mine[s][key] if q == self.rank else self.theirs[s][q][key] for s in (0, 1)]
+            whole[:, :, q].copy_(both[0]["kv"])  # one tensor for both slots since `_register`
+            for values in both:
                 values["kv"] = whole[:, :, q]
         return whole
 
