@@ -106,8 +106,8 @@ def graph_path_keys(rank: int, world: int, modes: list[str]) -> list:
 
 def deferred_wait_order(rank: int, world: int, modes: list[str]) -> list:
     """The graph path on the CPU with the overlap paths on (graphs.OVERLAP_ENV): per mode, the events
-    ("await", step) of `PatchExchange.await_deferred` and ("forward", step, comm_inside) of `PatchGraphs.run`, in
-    order (Note [deferred K/V] in exchange.py)."""
+    ("await", step, K/V group) of `PatchExchange.await_deferred` and ("forward", step, comm_inside) of
+    `PatchGraphs.run`, in order (Note [deferred K/V] in exchange.py)."""
     import os
 
     torch.set_num_threads(1)
@@ -118,9 +118,9 @@ def deferred_wait_order(rank: int, world: int, modes: list[str]) -> list:
     events: list = []
     await_deferred, run = exchange.PatchExchange.await_deferred, graphs.PatchGraphs.run
 
-    def recorded_await(self):
-        events.append(("await", self.policy.step))
-        return await_deferred(self)
+    def recorded_await(self, group=-1):
+        events.append(("await", self.policy.step, group))
+        return await_deferred(self, group)
 
     def recorded_run(self, fn, key, args, kwargs, comm_inside, prepare=None):
         events.append(("forward", pp.exchange.policy.step, comm_inside))
@@ -142,9 +142,10 @@ def deferred_wait_order(rank: int, world: int, modes: list[str]) -> list:
 
 
 def kv_write_order(rank: int, world: int, mode: str) -> tuple[list, list]:
-    """The graph path on the CPU with the overlap paths on: the events ("await", step) of
-    `PatchExchange.await_deferred` and ("kv write", step) of every K/V projection into the exchange's buffer, in
-    order; and per K/V point whether both slots' K/V are the one buffer (Note [kv slots] in exchange.py)."""
+    """The graph path on the CPU with the overlap paths on: the events ("await", step, K/V group) of
+    `PatchExchange.await_deferred` and ("kv write", step, the point's K/V group) of every K/V projection into the
+    exchange's buffer, in order; per K/V point whether both slots' K/V are the one buffer (Note [kv slots] in
+    exchange.py); and the number of K/V groups (Note [K/V groups])."""
     import os
 
     torch.set_num_threads(1)
@@ -155,13 +156,16 @@ def kv_write_order(rank: int, world: int, mode: str) -> tuple[list, list]:
     events: list = []
     await_deferred, project_into = exchange.PatchExchange.await_deferred, layers._project_into
 
-    def recorded_await(self):
-        events.append(("await", self.policy.step))
-        return await_deferred(self)
+    def recorded_await(self, group=-1):
+        events.append(("await", self.policy.step, group))
+        return await_deferred(self, group)
 
     def recorded_project(linear, x, out):
-        if pp.exchange.frozen:  # the registering step writes into standalone tensors
-            events.append(("kv write", pp.exchange.policy.step))
+        ex = pp.exchange
+        if ex.frozen:  # the registering step writes into standalone tensors
+            storage = out.untyped_storage().data_ptr()
+            key = next(k for k, w in ex._kv.items() if w.untyped_storage().data_ptr() == storage)
+            events.append(("kv write", ex.policy.step, ex._kv_group[key]))
         return project_into(linear, x, out)
 
     exchange.PatchExchange.await_deferred, layers._project_into = recorded_await, recorded_project
@@ -177,5 +181,6 @@ def kv_write_order(rank: int, world: int, mode: str) -> tuple[list, list]:
         and all(ex.theirs[s][q][k]["kv"].data_ptr() == w[:, :, q].data_ptr() for s in (0, 1) for q in ex.peers)
         for k, w in ex._kv.items()
     ]
+    groups = len(set(ex._kv_group.values()))
     pp.remove()
-    return events, shared
+    return events, shared, groups

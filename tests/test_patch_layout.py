@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from asyncdiff_rt.strategies.patches.exchange import PatchExchange, layout_dtypes
@@ -65,3 +66,29 @@ def test_k_v_are_held_once_for_both_slots_from_registration_on():
         assert [ex.theirs[s][q][("attn", 0)]["kv"].data_ptr() for q in (1, 2)] == [
             whole[:, :, q].data_ptr() for q in (1, 2)
         ]
+
+
+def test_k_v_points_are_cut_into_consecutive_groups_of_about_equal_bytes():
+    """Note [K/V groups] in exchange.py: consecutive points, a new group where one would pass 1/groups of the
+    total; one group keeps today's single transfer; a point larger than the share is a group of its own."""
+    from asyncdiff_rt.strategies.patches.exchange import kv_runs
+
+    sdxl_2048_p4 = [21] * 4 + [10.5] * 20 + [10.5] * 10 + [10.5] * 30 + [21] * 6  # MB per point, forward order
+    runs = kv_runs([int(2 * mb) for mb in sdxl_2048_p4], 8)
+    assert runs == sorted(runs) and runs[0] == 0 and max(runs) + 1 in (8, 9), runs
+    assert kv_runs([5, 5, 5, 5], 1) == [0, 0, 0, 0]
+    assert kv_runs([5, 5, 5, 5], 2) == [0, 0, 1, 1]
+    assert kv_runs([1, 30, 1, 1], 4) == [0, 1, 2, 2]
+    assert kv_runs([], 8) == []
+
+
+@pytest.mark.parametrize("raw", ["0", "-2", "eight", "1.5"])
+def test_a_bad_k_v_group_count_is_refused_naming_the_variable(monkeypatch, raw):
+    from asyncdiff_rt.errors import ConfigError
+    from asyncdiff_rt.strategies.patches.graphs import KV_GROUPS_ENV, kv_groups
+
+    monkeypatch.setenv(KV_GROUPS_ENV, raw)
+    with pytest.raises(ConfigError, match=KV_GROUPS_ENV):
+        kv_groups()
+    monkeypatch.setenv(KV_GROUPS_ENV, "3")
+    assert kv_groups() == 3

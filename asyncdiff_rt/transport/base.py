@@ -14,6 +14,7 @@ names in `phase`, e.g. "plan agreement", "call agreement").
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -49,6 +50,12 @@ class Transport(ABC):
 
     def broadcast_object(self, obj: Any, src: int = 0, phase: str | None = None) -> Any:
         return self.all_gather_object(obj, phase)[src]
+
+    def one_step(self) -> contextlib.AbstractContextManager:
+        """A context in which several exchanges count as one step against the transport's throttle (stream
+        transports: `max_inflight`), so that a step's transfer cut into groups (transport/deferred.py) costs no host
+        wait between its groups. Others: nothing to do."""
+        return contextlib.nullcontext()
 
     def message_counters(self) -> Any:
         """The host-side message counters a captured op advances without running (shm: the per-channel seqs);

@@ -134,7 +134,8 @@ class NcclTransport(StreamTransport):
     def _enqueue(self, what: str, step: int, peers: tuple[int, ...], issue) -> None:
         self._check_open(what, step)
         capturing = torch.cuda.is_current_stream_capturing()
-        if not capturing:
+        own_entry = self._admit()
+        if not capturing and own_entry:
             self._throttle(self.max_inflight - 1)
         current = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(current)
@@ -150,7 +151,11 @@ class NcclTransport(StreamTransport):
                 self._comm.mark_done(self._stream.cuda_stream, self._seq)
             except RuntimeError as err:
                 raise self._fail(what, step, peers, err) from err
-            self._inflight.append((step, self._seq, what, peers))
+            if own_entry or not self._inflight:
+                self._inflight.append((step, self._seq, what, peers))
+            else:  # a later group of one step (`one_step`): its mark is later on the same stream
+                first_step, _, first_what, first_peers = self._inflight[-1]
+                self._inflight[-1] = (first_step, self._seq, first_what, first_peers)
             self._watch(step, (self._seq, what, peers))
 
     def exchange(self, step: int, sends: dict[int, list[torch.Tensor]], recvs: dict[int, list[torch.Tensor]]) -> None:

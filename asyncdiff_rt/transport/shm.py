@@ -16,7 +16,8 @@ set-up errors, close, exit) this rank's regions are unlinked, so nothing is left
 On CPU the calls are blocking memcpys. On a GPU they are enqueued on a high-priority communication stream of
 this transport, ordered after the caller's current stream and before the caller's later work (Note [stream
 ordering] in csrc/streams.h); the host never synchronises in steady state except to keep at most
-`max_inflight` exchanges outstanding, which is also where a stalled or dead peer is noticed (the timeout).
+`max_inflight` exchanges outstanding (those of one `one_step` count once), which is also where a stalled or dead
+peer is noticed (the timeout).
 
 Note [slot cap]: a message larger than `slot_bytes` (ASYNCDIFF_RT_SLOT_MB, default 128 MiB, rank 0's value on
 every rank) travels as several pieces (pieces.py), each one message of its channel, so a channel's two slots
@@ -279,11 +280,12 @@ class ShmTransport(StreamTransport):
         send_pieces, recv_pieces = self._pieces(send_parts), self._pieces(recv_bufs)
         self._size_links(send_pieces, recv_pieces)
         self._last_step = step
+        own_entry = self._admit()
         if not self._cuda:
             self._run(what, step, send_pieces, recv_pieces, 0, 0, None)
         else:
             capturing = torch.cuda.is_current_stream_capturing()
-            if not capturing:
+            if not capturing and own_entry:
                 self._throttle(self.max_inflight - 1)
             current = torch.cuda.current_stream(self.device)
             # Receives overwrite tensors the caller's queued work may still read: they wait for it too.
@@ -302,7 +304,10 @@ class ShmTransport(StreamTransport):
             current.wait_stream(self._send_stream)
             current.wait_stream(self._recv_stream)
             if not capturing and issued:
-                self._inflight.append((step, issued))
+                if own_entry or not self._inflight:
+                    self._inflight.append((step, issued))
+                else:  # a later group of one step (`one_step`)
+                    self._inflight[-1][1].extend(issued)
                 self._watch(step, [(link.channel, seq) for link, seq in issued])
         for peer, ts in recvs.items():
             for t, buf in zip(ts, recv_bufs[peer]):

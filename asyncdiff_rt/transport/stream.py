@@ -8,6 +8,7 @@ watchdog in `_make_watchdog` and releases what it owns in `_close`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -61,6 +62,7 @@ class StreamTransport(Transport):
         self._watchdog: WatchdogThread | None = None
         self._closed = False
         self._last_step = -1  # the last step issued: set-up failures say "after step k", not a step of their own
+        self._in_step: str | None = None  # inside `one_step`: "first" until its first exchange, then "joined"
         self._setup()
 
     @classmethod
@@ -108,6 +110,25 @@ class StreamTransport(Transport):
             for r, pid in sorted(self._local_peer_pids.items())
             if (peers is None or r in peers) and not self._C.process_alive(pid)
         ]
+
+    @contextlib.contextmanager
+    def one_step(self):
+        """The exchanges issued inside count as one against `max_inflight`: the first throttles and opens an
+        in-flight entry, the later ones join it without a host wait (`_admit`)."""
+        self._in_step = "first"
+        try:
+            yield
+        finally:
+            self._in_step = None
+
+    def _admit(self) -> bool:
+        """Whether the exchange being issued throttles and opens an in-flight entry of its own (False: it joins the
+        last one, inside `one_step`)."""
+        if self._in_step == "joined":
+            return False
+        if self._in_step == "first":
+            self._in_step = "joined"
+        return True
 
     def all_gather_object(self, obj: Any, phase: str | None = None) -> list[Any]:
         return self._rdv.all_gather(obj, describe_phase(phase, self._last_step))

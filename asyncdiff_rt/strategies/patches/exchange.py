@@ -28,8 +28,8 @@ safe because nothing writes a part while it is still read or sent: an exact step
 the others' at the point (its forward first waits for any K/V still in flight, Note [deferred K/V]); a stale step
 reads the others' parts, which the closing exchange after it overwrites only once the forward is done (the
 transport's streams wait for the caller's), and writes its own part only after the K/V sent after the previous
-step have left (`kv_buffer` waits for that exchange before the first projection writes). Own K/V are always
-fresh, so the own part is never read stale.
+step have left (`kv_buffer` waits for the point's transfer group before its projection writes, Note [K/V groups]).
+Own K/V are always fresh, so the own part is never read stale.
 
 Note [dtype order]: the packed exchange sends each dtype's spans one after the other, and the receiver unpacks them
 in its own order, so every rank must lay the dtypes out in the same order: by name, not in the iteration order of a
@@ -43,7 +43,7 @@ Note [deferred K/V]: K/V are most of what a stale step sends (SDXL 2048 px, P = 
 step first reads them at its first self-attention, after the outermost resnets; halos and moments are read at
 once. So the closing exchange after step k is two: the output rows with the halos and moments, which the caller's
 stream waits for (the pipeline needs ε), then K/V on a side stream (transport/deferred.py), which step k+1 waits
-for at its first K/V access, before the first projection writes its own part, also as a node of its CUDA graph.
+for at its K/V accesses, before the projections write their own parts, also as nodes of its CUDA graph.
 That wait also orders step k+1's own K/V writes after the send of the part they overwrite, and the next closing
 exchange after this one (the transports' streams run in issue order). On by default (graphs.OVERLAP_ENV=0: the
 caller's stream waits for K/V at once). A forward with exchanges at its points (exact steps, `sync_gn`) waits for
@@ -51,6 +51,15 @@ the deferred K/V before it starts (`await_deferred`): replayed from a graph, its
 beside the transfer on the same channels (a captured op keeps the slot parity of its capture and is ordered only by
 the graph, not behind the eager ops on the transport's streams) — the cuda tier's `sync_gn` graphs differed from
 eager by 0.1 without it (H200, 2026-12-03; the cuda tier passes with it).
+
+Note [K/V groups]: the deferred K/V go as several exchanges of consecutive points (`kv_runs`, about
+ASYNCDIFF_RT_PATCH_KV_GROUPS of them, default 8, agreed by every rank), each completing its own event, and step
+k+1's first access to a point of group g waits for group g only. With one exchange, step k+1 waited at its first
+self-attention for all of step k's K/V: at 2048 px, P = 4, 2.5 GB to and from every rank, moved through one
+shared HBM in the emulation, while the outermost resnets before that attention take a few ms; the rest of the
+transfer stood in the step (H100, 2026-12-07: the corrected_async_gn step 1.09x the no_sync one). In groups, the
+transfer of the later layers runs beside the earlier layers' compute. The groups of one step are one entry of the
+transport's throttle (`Transport.one_step`): a host wait between them would hold the host at the GPU's pace.
 """
 
 from __future__ import annotations
@@ -64,7 +73,7 @@ from ...transport.deferred import DeferredExchange
 from .graphs import overlap_enabled
 from .modes import StepPolicy
 
-__all__ = ["REGIONS", "PatchExchange", "layout_dtypes"]
+__all__ = ["REGIONS", "PatchExchange", "kv_runs", "layout_dtypes"]
 
 REGIONS = ("top", "kv", "gn", "bottom")
 
@@ -88,6 +97,19 @@ def _pieces(region: str, value: torch.Tensor) -> list[torch.Tensor]:
     return [value[j, b] for j in range(value.shape[0]) for b in range(value.shape[1])]
 
 
+def kv_runs(sizes: list[int], groups: int) -> list[int]:
+    """The transfer group of each K/V point, given each point's bytes in forward order: consecutive points, cut
+    where a group would pass 1/`groups` of the total (so about `groups` groups; Note [K/V groups])."""
+    target = -(-sum(sizes) // max(1, groups))
+    out, group, held = [], 0, 0
+    for size in sizes:
+        if held and held + size > target:
+            group, held = group + 1, 0
+        out.append(group)
+        held += size
+    return out
+
+
 def layout_dtypes(entries: dict[tuple, dict[str, _Entry]]) -> list[torch.dtype]:
     """The dtypes of the flat buffers in layout order, by name (Note [dtype order])."""
     return sorted({e.dtype for regions in entries.values() for r, e in regions.items() if r != "kv"}, key=str)
@@ -96,8 +118,9 @@ def layout_dtypes(entries: dict[tuple, dict[str, _Entry]]) -> list[torch.dtype]:
 class PatchExchange:
     """Exchange points and buffers of rank `rank` of `world` patches over `transport`, for one call signature."""
 
-    def __init__(self, rank: int, world: int, transport: Any, device: torch.device):
+    def __init__(self, rank: int, world: int, transport: Any, device: torch.device, kv_groups: int = 1):
         self.rank, self.world, self.transport, self.device = rank, world, transport, device
+        self.kv_groups = kv_groups  # about how many transfers the deferred K/V are cut into (Note [K/V groups])
         self.entries: dict[tuple, dict[str, _Entry]] = {}  # point -> region -> entry, in registration order
         self.full_bytes: dict[tuple, int] = {}  # point -> bytes of this patch's whole input (for the report)
         self.frozen = False
@@ -112,8 +135,9 @@ class PatchExchange:
         self.read_slot = 0
         self._calls: dict[str, int] = {}
         self._gather: dict | None = None
-        self._kv_transfer = DeferredExchange(transport, device, overlap_enabled())  # Note [deferred K/V]
-        self._kv_awaited = False
+        self._kv_group: dict[tuple, int] = {}  # point -> its transfer group (Note [K/V groups])
+        self._kv_transfer: DeferredExchange | None = None  # made with the layout (Note [deferred K/V])
+        self._kv_awaited = -1  # the last K/V group this step waited for
 
     @property
     def peers(self) -> list[int]:
@@ -137,7 +161,7 @@ class PatchExchange:
     def begin_step(self, policy: StepPolicy) -> None:
         self.policy = policy
         self._calls = {}
-        self._kv_awaited = False
+        self._kv_awaited = -1
 
     def point(self, name: str) -> tuple:
         """The exchange point of this call of module `name` (a module called twice per forward has two)."""
@@ -148,18 +172,22 @@ class PatchExchange:
     def kv_buffer(self, key: tuple) -> torch.Tensor | None:
         """Every patch's K/V at point `key`, (2, batch, P, tokens, inner): the layer writes its own part
         [:, :, rank] in place and reads the whole (Note [kv slots]); None before the layout exists. A stale step's
-        first call waits for the K/V still in flight, before its own part is overwritten (Note [deferred K/V])."""
+        first access to a point of each transfer group waits for that group, still in flight, before its own part is
+        overwritten (Note [deferred K/V], Note [K/V groups])."""
         if not self.frozen or key not in self._kv:
             return None
-        if not self.policy.exact and not self._kv_awaited:
-            self.await_deferred()
-            self._kv_awaited = True
+        group = self._kv_group[key]
+        if not self.policy.exact and group > self._kv_awaited:
+            self.await_deferred(group)
+            self._kv_awaited = group
         return self._kv[key]
 
-    def await_deferred(self) -> None:
-        """The current stream waits for the last deferred K/V exchange (Note [deferred K/V]): at a stale step's
-        first K/V access, and before a forward with exchanges at its points."""
-        self._kv_transfer.await_received()
+    def await_deferred(self, group: int = -1) -> None:
+        """The current stream waits for transfer group `group` of the last deferred K/V exchange (default: the last
+        group, so all of it; Note [deferred K/V]): at a stale step's first access to each group, and before a
+        forward with exchanges at its points."""
+        if self._kv_transfer is not None:
+            self._kv_transfer.await_received(group)
 
     def share(self, key: tuple, own: dict[str, torch.Tensor], fresh: bool, full_bytes: int = 0) -> tuple[dict, dict]:
         """Publish this rank's `own` region values at point `key`; return (own, others): own[region] is this
@@ -207,10 +235,10 @@ class PatchExchange:
             if self._gather is None or self._gather[self.peers[0]].shape != rows.shape:
                 self._gather = {q: torch.empty_like(rows) for q in self.peers}
             regions = self.policy.packed_regions
-            sends, recvs, kv_sends, kv_recvs = self._closing(slot, regions, rows)
+            sends, recvs, kv_groups = self._closing(slot, regions, rows)
             self.transport.exchange(self.policy.step, sends, recvs)
-            if "kv" in regions:
-                self._kv_transfer.exchange(self.policy.step, kv_sends, kv_recvs)
+            if kv_groups:
+                self._kv_transfer.exchange(self.policy.step, kv_groups)
             rows = torch.cat([rows if q == self.rank else self._gather[q] for q in range(self.world)], dim=-2)
         if self.policy.writes_own:
             self.read_slot = slot
@@ -221,23 +249,28 @@ class PatchExchange:
         shm replaces a channel that a message outgrows, and a captured op would keep writing the old one."""
         if not self.frozen or self.world == 1 or not regions or self._gather is None:
             return
-        sends, recvs, kv_sends, kv_recvs = self._closing(0, regions, self._gather[self.peers[0]])
-        for s, r in ((sends, recvs), (kv_sends, kv_recvs)):
+        sends, recvs, kv_groups = self._closing(0, regions, self._gather[self.peers[0]])
+        for s, r in [(sends, recvs), *kv_groups]:
             self.transport.prepare({q: v for q, v in s.items() if v}, {q: v for q, v in r.items() if v})
 
     def _closing(self, slot: int, regions: tuple[str, ...], rows: torch.Tensor) -> tuple:
-        """The lists per peer of a step's closing exchanges: (sends, receives) of the rows, then the flat spans of
-        `regions` (into `slot`); (sends, receives) of each point's K/V part in registration order (Note [kv
-        slots]), empty unless "kv" is in `regions`."""
-        sends, recvs, kv_sends, kv_recvs = {}, {}, {}, {}
-        kv = "kv" in regions
-        own_kv = [t for whole in self._kv.values() for t in _pieces("kv", whole[:, :, self.rank])] if kv else []
+        """A step's closing exchanges: (sends, receives) per peer of the rows, then the flat spans of `regions`
+        (into `slot`); and per K/V transfer group (Note [K/V groups]) the (sends, receives) of its points' K/V
+        parts in registration order (Note [kv slots]), no group unless "kv" is in `regions`."""
+        sends, recvs = {}, {}
         for q in self.peers:
             sends[q] = [rows] + self._spans_of(self._flat_mine[slot], self.wanted_from_me(q), regions)
             recvs[q] = [self._gather[q]] + self._spans_of(self._flat_theirs[slot][q], self.wanted_of(q), regions)
-            kv_sends[q] = own_kv  # every peer gets the same own K/V
-            kv_recvs[q] = [t for whole in self._kv.values() for t in _pieces("kv", whole[:, :, q])] if kv else []
-        return sends, recvs, kv_sends, kv_recvs
+        kv_groups: list[tuple[dict, dict]] = []
+        for key, whole in self._kv.items() if "kv" in regions else ():
+            if self._kv_group[key] == len(kv_groups):
+                kv_groups.append(({q: [] for q in self.peers}, {q: [] for q in self.peers}))
+            group_sends, group_recvs = kv_groups[-1]
+            own = _pieces("kv", whole[:, :, self.rank])
+            for q in self.peers:
+                group_sends[q] += own  # every peer gets the same own K/V
+                group_recvs[q] += _pieces("kv", whole[:, :, q])
+        return sends, recvs, kv_groups
 
     # ---- layout -----------------------------------------------------------------------------------------------------
     def _register(self, key: tuple, own: dict[str, torch.Tensor], full_bytes: int) -> None:
@@ -273,6 +306,9 @@ class PatchExchange:
         for key, entries in self.entries.items():
             if "kv" in entries:
                 self._kv[key] = self._whole_kv(key, entries["kv"])
+        groups = kv_runs([entries["kv"].numel for entries in self.entries.values() if "kv" in entries], self.kv_groups)
+        self._kv_group = dict(zip(self._kv, groups))
+        self._kv_transfer = DeferredExchange(self.transport, self.device, overlap_enabled(), max(groups, default=0) + 1)
         self.frozen = True
 
     def _whole_kv(self, key: tuple, entry: _Entry) -> torch.Tensor:

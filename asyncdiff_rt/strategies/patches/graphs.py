@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from ...errors import ConfigError
 from ...runtime.executor import CapturedCall, Executor, signature_of
 
 __all__ = ["PatchGraphs", "tensor_timestep"]
@@ -88,6 +89,23 @@ OVERLAP_ENV = "ASYNCDIFF_RT_PATCH_OVERLAP"
 def overlap_enabled() -> bool:
     """Whether exact steps replay from graphs and K/V waits are deferred (on unless OVERLAP_ENV=0)."""
     return os.environ.get(OVERLAP_ENV, "1") != "0"
+
+
+# About how many transfers a stale step's deferred K/V are cut into (exchange.py, Note [K/V groups]); 1: one
+# transfer, which the next step awaits whole at its first self-attention (as before 2026-12-07).
+KV_GROUPS_ENV = "ASYNCDIFF_RT_PATCH_KV_GROUPS"
+
+
+def kv_groups() -> int:
+    """ASYNCDIFF_RT_PATCH_KV_GROUPS (default 8), a whole number >= 1, or a ConfigError naming the fix."""
+    raw = os.environ.get(KV_GROUPS_ENV, "8")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{KV_GROUPS_ENV}={raw!r}: expected a whole number >= 1 (the default is 8); unset it")
+    return value
 
 
 def graphs_allowed(sync_mode: str) -> bool:

@@ -35,7 +35,7 @@ from ...runtime.timeline import Timeline
 from ..cfg import CfgSplit
 from .checks import check_controlnet, check_denoiser, check_rows, full_input_convs, row_factor, self_attentions
 from .exchange import REGIONS, PatchExchange
-from .graphs import PatchGraphs, graphs_allowed, overlap_enabled, tensor_timestep
+from .graphs import PatchGraphs, graphs_allowed, kv_groups, overlap_enabled, tensor_timestep
 from .layers import conv_in_forward, group_norm_forward, halo_conv_forward, self_attention_forward
 from .modes import SYNC_MODES, StepPolicy
 
@@ -114,6 +114,7 @@ class PatchParallel:
         self.debug = bool(int(os.environ.get("ASYNCDIFF_RT_DEBUG", "0"))) if debug is None else bool(debug)
         use_graphs = (self.device.type == "cuda" if graphs is None else bool(graphs)) and self.device.type == "cuda"
         use_graphs = use_graphs and graphs_allowed(sync_mode)
+        self.kv_groups = kv_groups()  # the K/V transfer's groups: every rank must cut the same messages
 
         # ---- ranks: the world is the patches (x2 with cfg_parallel); every rank agrees on the configuration
         world = _world_size(group)
@@ -134,6 +135,7 @@ class PatchParallel:
                     "controlnet": type(self.controlnet).__name__ if self.controlnet is not None else None,
                     "version": __version__,
                     "graphs": use_graphs,  # graphs with exchanges inside agree on their capture (graphs.py)
+                    "kv_groups": self.kv_groups,
                 }
             )
         except (ConfigError, DenoiserError):
@@ -149,7 +151,7 @@ class PatchParallel:
 
         # ---- per-rank state; hooks last: nothing is installed if anything above raised
         self.timeline = Timeline(self.device)
-        self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device)
+        self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device, self.kv_groups)
         self.graphs = PatchGraphs(self.device, graphs, self.transport, sync_mode)
         self._signature: Any = None
         self._out_bytes = 0
@@ -280,7 +282,7 @@ class PatchParallel:
         # warm_up >= the steps asked for runs exact, also where the scheduler calls the denoiser once more (PNDM)
         self._call_warm_up = effective_warm_up(self.warm_up, self._call_steps, steps)
         if signature != self._signature:  # new shapes: register the exchange points again at step 0
-            self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device)
+            self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device, self.kv_groups)
             self.graphs.clear()  # their static slots were the old exchange's
             self._signature = signature
 
