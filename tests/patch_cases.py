@@ -141,11 +141,11 @@ def deferred_wait_order(rank: int, world: int, modes: list[str]) -> list:
     return results
 
 
-def kv_write_order(rank: int, world: int, mode: str) -> tuple[list, list]:
+def kv_write_order(rank: int, world: int, mode: str, groups: int) -> tuple[list, list, int]:
     """The graph path on the CPU with the overlap paths on: the events ("await", step, K/V group) of
     `PatchExchange.await_deferred` and ("kv write", step, the point's K/V group) of every K/V projection into the
     exchange's buffer, in order; per K/V point whether both slots' K/V are the one buffer (Note [kv slots] in
-    exchange.py); and the number of K/V groups (Note [K/V groups])."""
+    exchange.py); and the number of K/V groups (Note [K/V groups]) made of about `groups`."""
     import os
 
     torch.set_num_threads(1)
@@ -153,6 +153,7 @@ def kv_write_order(rank: int, world: int, mode: str) -> tuple[list, list]:
     from asyncdiff_rt.strategies.patches import exchange, graphs, layers
 
     os.environ[graphs.OVERLAP_ENV] = "1"
+    os.environ[graphs.KV_GROUPS_ENV] = str(groups)
     events: list = []
     await_deferred, project_into = exchange.PatchExchange.await_deferred, layers._project_into
 

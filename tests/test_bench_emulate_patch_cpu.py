@@ -19,6 +19,7 @@ from asyncdiff_rt.strategies.patches.modes import StepPolicy
 from asyncdiff_rt.tools import bench, emulate_patch
 from asyncdiff_rt.tools.emulate_patch import patch_stem, patch_variants, steady_step_ms
 from asyncdiff_rt.tools.emulate_patch_report import markdown, summarize
+from asyncdiff_rt.transport.base import Transport
 
 
 # ---------------------------------------------------------------------------------------------- variants
@@ -111,10 +112,16 @@ def test_bytes_per_step_against_a_hand_count():
         assert got["distrifusion"] < got["all_gather"]
 
 
-class _Recorder:
+class _Recorder(Transport):
     """A transport that records the byte sizes of what it is asked to prepare and to exchange."""
 
     name = "recorder"
+
+    def broadcast(self, tensor, src, step):
+        raise NotImplementedError
+
+    def all_gather_object(self, obj, phase=None):
+        raise NotImplementedError
 
     def __init__(self):
         self.prepared, self.exchanged = [], []
@@ -133,7 +140,7 @@ class _Recorder:
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_prepare_transport_announces_the_packed_exchange(rank):
     t = _Recorder()
-    ex = PatchExchange(rank, 3, t, torch.device("cpu"))
+    ex = PatchExchange(rank, 3, t, torch.device("cpu"), kv_groups=2)
 
     def forward(policy, fresh):
         ex.begin_step(policy)
@@ -141,6 +148,7 @@ def test_prepare_transport_announces_the_packed_exchange(rank):
         ex.share(ex.point("conv"), {"top": x[..., :1, :], "bottom": x[..., -1:, :]}, fresh=fresh)
         ex.share(ex.point("attn"), {"kv": torch.randn(2, 2, 6, 8)}, fresh=fresh)  # K/V, batch, tokens, inner
         ex.share(ex.point("norm"), {"gn": torch.randn(2, 2, 4, dtype=torch.float64)}, fresh=fresh)
+        ex.share(ex.point("attn"), {"kv": torch.randn(2, 2, 6, 8)}, fresh=fresh)  # its second call
         ex.end_step(torch.randn(2, 4, 3, 8))  # the output rows
 
     forward(StepPolicy("stale_gn", 1, 0), fresh=True)  # exact: registers and freezes
@@ -148,12 +156,15 @@ def test_prepare_transport_announces_the_packed_exchange(rank):
     ex.prepare_transport(steady.packed_regions)
     t.exchanged.clear()
     forward(steady, fresh=False)
-    # the two closing exchanges after the forward (rows + halos + moments, then K/V), exactly as announced
-    assert t.exchanged == t.prepared and len(t.prepared) == 2
-    (sends, _), (kv_sends, _) = t.prepared
-    assert set(sends) == set(kv_sends) == {q for q in range(3) if q != rank}
-    # each peer: this patch's K/V part, as its 2 x batch contiguous blocks of (tokens, inner) (Note [kv slots])
-    assert all(sizes == [6 * 8 * 4] * 4 for sizes in kv_sends.values())
+    # the closing exchanges after the forward (rows + halos + moments, then K/V in two groups: Note [K/V groups]),
+    # exactly as announced
+    assert t.exchanged == t.prepared and len(t.prepared) == 3
+    (sends, _), *kv_groups = t.prepared
+    for kv_sends, _ in kv_groups:
+        assert set(sends) == set(kv_sends) == {q for q in range(3) if q != rank}
+        # each peer: this patch's K/V part of the group's one point, as its 2 x batch contiguous blocks of
+        # (tokens, inner) (Note [kv slots])
+        assert all(sizes == [6 * 8 * 4] * 4 for sizes in kv_sends.values())
     ex.prepare_transport(())
     assert t.exchanged == t.prepared  # nothing to announce without packed regions (no call recorded)
 

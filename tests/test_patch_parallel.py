@@ -20,6 +20,7 @@ from spawn_cases import WorldResults, ok
 
 from asyncdiff_rt import ConfigError, PatchParallel
 from asyncdiff_rt.strategies.patches import SYNC_MODES
+from asyncdiff_rt.strategies.patches.graphs import KV_GROUPS_ENV
 from asyncdiff_rt.tools.launch import WorkerError, spawn
 from asyncdiff_rt.transport.pieces import SLOT_ENV
 
@@ -45,10 +46,10 @@ CASES_2 = {
 CASES_3 = {
     f"sdxl_p3_{m}": dict(kind="sdxl", size=96, sync_mode=m, steps=3, warm_up=1)
     for m in ("corrected_async_gn", "full_sync")
-} | {  # 64 KiB slots: every K/V message travels in pieces (transport/shm.py, Note [slot cap])
+} | {  # 64 KiB slots: every K/V message travels in pieces (transport/shm.py, Note [slot cap]), K/V in groups
     "sdxl_p3_shm_pieces": dict(
         kind="sdxl", size=96, sync_mode="corrected_async_gn", steps=3, warm_up=1, transport="shm",
-        env={SLOT_ENV: "0.0625"},
+        env={SLOT_ENV: "0.0625", KV_GROUPS_ENV: "4"},
     ),
 }  # fmt: skip
 
@@ -127,7 +128,8 @@ def test_three_patches_equal_the_simulator(mode):
 
 def test_shm_with_messages_in_pieces_equals_the_simulator():
     """Three patches over shm with 64 KiB slots: the closing exchanges (K/V to both peers, halos to one) are cut
-    into pieces issued round by round, and the result is still the simulator's."""
+    into pieces issued round by round, K/V also into groups of layers (exchange.py, Note [K/V groups]), and the
+    result is still the simulator's."""
     case = CASES_3["sdxl_p3_shm_pieces"]
     ref = simulated(case, patches=3)
     per_rank = results(3, CASES_3)["sdxl_p3_shm_pieces"]

@@ -52,14 +52,17 @@ beside the transfer on the same channels (a captured op keeps the slot parity of
 the graph, not behind the eager ops on the transport's streams) — the cuda tier's `sync_gn` graphs differed from
 eager by 0.1 without it (H200, 2026-12-03; the cuda tier passes with it).
 
-Note [K/V groups]: the deferred K/V go as several exchanges of consecutive points (`kv_runs`, about
-ASYNCDIFF_RT_PATCH_KV_GROUPS of them, default 8, agreed by every rank), each completing its own event, and step
-k+1's first access to a point of group g waits for group g only. With one exchange, step k+1 waited at its first
-self-attention for all of step k's K/V: at 2048 px, P = 4, 2.5 GB to and from every rank, moved through one
-shared HBM in the emulation, while the outermost resnets before that attention take a few ms; the rest of the
-transfer stood in the step (H100, 2026-12-07: the corrected_async_gn step 1.09x the no_sync one). In groups, the
-transfer of the later layers runs beside the earlier layers' compute. The groups of one step are one entry of the
-transport's throttle (`Transport.one_step`): a host wait between them would hold the host at the GPU's pace.
+Note [K/V groups]: the deferred K/V may go as several exchanges of consecutive points (`kv_runs`, about
+ASYNCDIFF_RT_PATCH_KV_GROUPS of them, default 1, agreed by every rank), each completing its own event, so that step
+k+1's first access to a point of group g waits for group g only and the later layers' transfer runs beside the
+earlier layers' compute. The hypothesis it tested: that the one transfer (2048 px, P = 4: 2.5 GB to and from
+every rank, through one shared HBM in the emulation) stood in the step after the few ms of resnets before the
+first self-attention, making the corrected_async_gn step 1.09x the no_sync one (H100, 2026-12-07). Measured with 8
+groups (H200, 2026-12-07): 236.3 ms against 235.2 ms with one (another H200, 2026-12-07), still 1.09x no_sync's:
+the transfer was not what stood in the step, so the default stays the one transfer (what else does: the bytes
+moved beside the compute, twice per byte through the slots; benchmarks/README.md). The groups of one step are one
+entry of the transport's throttle (`Transport.one_step`): a host wait between them would hold the host at the
+GPU's pace.
 """
 
 from __future__ import annotations
