@@ -153,7 +153,7 @@ def kv_write_order(rank: int, world: int, mode: str, groups: int) -> tuple[list,
     from asyncdiff_rt.strategies.patches import exchange, graphs, layers
 
     os.environ[graphs.OVERLAP_ENV] = "1"
-    os.environ[graphs.KV_GROUPS_ENV] = str(groups)
+    os.environ[exchange.KV_GROUPS_ENV] = str(groups)
     events: list = []
     await_deferred, project_into = exchange.PatchExchange.await_deferred, layers._project_into
 

@@ -85,7 +85,7 @@ def test_k_v_points_are_cut_into_consecutive_groups_of_about_equal_bytes():
 @pytest.mark.parametrize("raw", ["0", "-2", "eight", "1.5"])
 def test_a_bad_k_v_group_count_is_refused_naming_the_variable(monkeypatch, raw):
     from asyncdiff_rt.errors import ConfigError
-    from asyncdiff_rt.strategies.patches.graphs import KV_GROUPS_ENV, kv_groups
+    from asyncdiff_rt.strategies.patches.exchange import KV_GROUPS_ENV, kv_groups
 
     monkeypatch.setenv(KV_GROUPS_ENV, raw)
     with pytest.raises(ConfigError, match=KV_GROUPS_ENV):

@@ -20,7 +20,7 @@ from spawn_cases import WorldResults, ok
 
 from asyncdiff_rt import ConfigError, PatchParallel
 from asyncdiff_rt.strategies.patches import SYNC_MODES
-from asyncdiff_rt.strategies.patches.graphs import KV_GROUPS_ENV
+from asyncdiff_rt.strategies.patches.exchange import KV_GROUPS_ENV
 from asyncdiff_rt.tools.launch import WorkerError, spawn
 from asyncdiff_rt.transport.pieces import SLOT_ENV
 

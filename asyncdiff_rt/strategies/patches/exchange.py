@@ -67,18 +67,38 @@ GPU's pace.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ...errors import ConfigError
 from ...transport.deferred import DeferredExchange
 from .graphs import overlap_enabled
 from .modes import StepPolicy
 
-__all__ = ["REGIONS", "PatchExchange", "kv_runs", "layout_dtypes"]
+__all__ = ["KV_GROUPS_ENV", "REGIONS", "PatchExchange", "kv_groups", "kv_runs", "layout_dtypes"]
 
 REGIONS = ("top", "kv", "gn", "bottom")
+
+# About how many transfers a stale step's deferred K/V are cut into (Note [K/V groups]). Default 1: one
+# transfer, awaited whole at the next step's first self-attention, the path the cuda tier passes in full (H100,
+# 2026-12-07: 16 passed); 8 groups did not shorten the step where measured (H200, P = 4, 2048 px) and passed 10 of
+# the tier's 16 tests (the rest cut by the call's limit, none failed).
+KV_GROUPS_ENV = "ASYNCDIFF_RT_PATCH_KV_GROUPS"
+
+
+def kv_groups() -> int:
+    """ASYNCDIFF_RT_PATCH_KV_GROUPS (default 1), a whole number >= 1, or a ConfigError naming the fix."""
+    raw = os.environ.get(KV_GROUPS_ENV, "1")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{KV_GROUPS_ENV}={raw!r}: expected a whole number >= 1 (the default is 1); unset it")
+    return value
 
 
 @dataclass

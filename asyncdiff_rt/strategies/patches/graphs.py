@@ -53,7 +53,6 @@ from typing import Any
 
 import torch
 
-from ...errors import ConfigError
 from ...runtime.executor import CapturedCall, Executor, signature_of
 
 __all__ = ["PatchGraphs", "tensor_timestep"]
@@ -89,25 +88,6 @@ OVERLAP_ENV = "ASYNCDIFF_RT_PATCH_OVERLAP"
 def overlap_enabled() -> bool:
     """Whether exact steps replay from graphs and K/V waits are deferred (on unless OVERLAP_ENV=0)."""
     return os.environ.get(OVERLAP_ENV, "1") != "0"
-
-
-# About how many transfers a stale step's deferred K/V are cut into (exchange.py, Note [K/V groups]). Default 1: one
-# transfer, awaited whole at the next step's first self-attention, the path the cuda tier passes in full (H100,
-# 2026-12-07: 16 passed); 8 groups did not shorten the step where measured (H200, P = 4, 2048 px) and passed 10 of
-# the tier's 16 tests (the rest cut by the call's limit, none failed).
-KV_GROUPS_ENV = "ASYNCDIFF_RT_PATCH_KV_GROUPS"
-
-
-def kv_groups() -> int:
-    """ASYNCDIFF_RT_PATCH_KV_GROUPS (default 1), a whole number >= 1, or a ConfigError naming the fix."""
-    raw = os.environ.get(KV_GROUPS_ENV, "1")
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(f"{KV_GROUPS_ENV}={raw!r}: expected a whole number >= 1 (the default is 1); unset it")
-    return value
 
 
 def graphs_allowed(sync_mode: str) -> bool:

@@ -34,8 +34,8 @@ from ...runtime.session import Session, dist_ready
 from ...runtime.timeline import Timeline
 from ..cfg import CfgSplit
 from .checks import check_controlnet, check_denoiser, check_rows, full_input_convs, row_factor, self_attentions
-from .exchange import REGIONS, PatchExchange
-from .graphs import PatchGraphs, graphs_allowed, kv_groups, overlap_enabled, tensor_timestep
+from .exchange import REGIONS, PatchExchange, kv_groups
+from .graphs import PatchGraphs, graphs_allowed, overlap_enabled, tensor_timestep
 from .layers import conv_in_forward, group_norm_forward, halo_conv_forward, self_attention_forward
 from .modes import SYNC_MODES, StepPolicy
 
