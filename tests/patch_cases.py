@@ -6,8 +6,8 @@ A case: kind, size (the call's height and width), steps, warm_up, sync_mode, tra
 a row), kill_rank (that rank exits at step 2), timeout_s, rank_mode (sync_mode per rank), patches, call (extra
 call kwargs), device ("cuda": float32 without TF32, tests/cuda/test_patch_cuda.py), dtype (on CUDA: "float64"),
 graphs (PatchParallel's), env (environment variables set for the case, e.g. the transports' slot cap).
-Every rank returns per case ("ok", [latents per call, on the CPU], bytes per step, graphs captured) or ("error",
-type, message).
+Every rank returns per case ("ok", [latents per call, on the CPU], bytes per step, graphs captured, whether the K/V
+went as puts) or ("error", type, message).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def run_cases(rank: int, world: int, cases: list[dict]) -> list:
             for _ in range(case.get("calls", 1)):
                 with torch.no_grad():
                     outs.append(latents(pipe(**call_kwargs(case, rank))))
-            results.append(("ok", outs, pp.bytes_per_step(), pp.captures))
+            results.append(("ok", outs, pp.bytes_per_step(), pp.captures, pp.exchange.puts))
         except Exception as err:  # noqa: BLE001 - the test inspects it
             results.append(("error", type(err).__name__, str(err)))
         finally:

@@ -23,6 +23,7 @@ from asyncdiff_rt.strategies.patches import SYNC_MODES
 from asyncdiff_rt.strategies.patches.exchange import KV_GROUPS_ENV
 from asyncdiff_rt.tools.launch import WorkerError, spawn
 from asyncdiff_rt.transport.pieces import SLOT_ENV
+from asyncdiff_rt.transport.windows import PUTS_ENV
 
 TIGHT = 1e-8  # float64: runtime and simulator differ by summation order only (~1e-13)
 FAR = 1e-3  # stale values move the latents far more than that
@@ -35,6 +36,9 @@ CASES_2 = {
     "sd15_exact_warm_up": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=3),
     "sd15_two_calls": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=1, calls=2),
     "sd15_shm": dict(kind="sd15", size=128, sync_mode="stale_gn", steps=3, warm_up=1, transport="shm"),
+    "sd15_shm_slots": dict(
+        kind="sd15", size=128, sync_mode="stale_gn", steps=3, warm_up=1, transport="shm", env={PUTS_ENV: "0"}
+    ),
     **{
         f"sdxl_controlnet_{m}": dict(kind="sdxl_controlnet", size=64, sync_mode=m, steps=3, warm_up=1)
         for m in CONTROLNET_MODES
@@ -49,7 +53,12 @@ CASES_3 = {
 } | {  # 64 KiB slots: every K/V message travels in pieces (transport/shm.py, Note [slot cap]), K/V in groups
     "sdxl_p3_shm_pieces": dict(
         kind="sdxl", size=96, sync_mode="corrected_async_gn", steps=3, warm_up=1, transport="shm",
-        env={SLOT_ENV: "0.0625", KV_GROUPS_ENV: "4"},
+        env={SLOT_ENV: "0.0625", KV_GROUPS_ENV: "4", PUTS_ENV: "0"},
+    ),
+    # K/V as puts into both peers' windows, in groups (exchange.py, Note [K/V puts])
+    "sdxl_p3_shm_puts": dict(
+        kind="sdxl", size=96, sync_mode="corrected_async_gn", steps=3, warm_up=1, transport="shm",
+        env={KV_GROUPS_ENV: "4"},
     ),
 }  # fmt: skip
 
@@ -100,10 +109,15 @@ def test_two_calls_in_a_row_identical():
         assert torch.equal(got[0], got[1])
 
 
-def test_shm_equals_the_simulator():
-    case = CASES_2["sd15_shm"]
+@pytest.mark.parametrize("name,puts", [("sd15_shm", True), ("sd15_shm_slots", False)])
+def test_shm_equals_the_simulator(name, puts):
+    """Over shm the stale K/V go as puts into the peer's mapped window (exchange.py, Note [K/V puts]), or with
+    ASYNCDIFF_RT_PATCH_KV_PUTS=0 through the exchange slots: either way the simulator's result."""
+    case = CASES_2[name]
     ref = simulated(case, patches=2)
-    for got in ok(results(2, CASES_2)["sd15_shm"]):
+    per_rank = results(2, CASES_2)[name]
+    for rank, got in enumerate(ok(per_rank)):
+        assert per_rank[rank][4] is puts, f"rank {rank}: K/V puts {per_rank[rank][4]}, expected {puts}"
         torch.testing.assert_close(got[0], ref, rtol=0, atol=TIGHT)
 
 
@@ -135,6 +149,18 @@ def test_shm_with_messages_in_pieces_equals_the_simulator():
     per_rank = results(3, CASES_3)["sdxl_p3_shm_pieces"]
     for rank, got in enumerate(ok(per_rank)):
         assert per_rank[rank][2]["kv"] > 4 * 64 * 1024, per_rank[rank][2]  # several pieces per peer and step
+        assert per_rank[rank][4] is False  # through the slots (ASYNCDIFF_RT_PATCH_KV_PUTS=0)
+        torch.testing.assert_close(got[0], ref, rtol=0, atol=TIGHT, msg=f"rank {rank}")
+
+
+def test_three_patches_with_k_v_puts_in_groups_equal_the_simulator():
+    """Three patches over shm, each rank putting its K/V into both peers' windows at its own part's offsets, in
+    about 4 groups each announced by its own messages (exchange.py, Notes [K/V puts] and [K/V groups])."""
+    case = CASES_3["sdxl_p3_shm_puts"]
+    ref = simulated(case, patches=3)
+    per_rank = results(3, CASES_3)["sdxl_p3_shm_puts"]
+    for rank, got in enumerate(ok(per_rank)):
+        assert per_rank[rank][4] is True, f"rank {rank}: the K/V did not go as puts"
         torch.testing.assert_close(got[0], ref, rtol=0, atol=TIGHT, msg=f"rank {rank}")
 
 
@@ -158,8 +184,9 @@ def test_world_size_mismatch_is_refused_on_every_rank():
     refused(results(2, CASES_2)["bad_world"], "needs 3 processes", "group has 2")
 
 
-def test_dead_peer_makes_the_other_raise_within_the_timeout():
-    case = dict(kind="sd15", size=128, steps=6, warm_up=1, timeout_s=5, kill_rank=1)
+@pytest.mark.parametrize("transport", ["gloo", "shm"])  # shm: the survivor waits for K/V puts' messages
+def test_dead_peer_makes_the_other_raise_within_the_timeout(transport):
+    case = dict(kind="sd15", size=128, steps=6, warm_up=1, timeout_s=5, kill_rank=1, transport=transport)
     start = time.monotonic()
     with pytest.raises(WorkerError) as info:
         spawn(run_cases, 2, [case], timeout_s=120)

@@ -162,6 +162,7 @@ def _worker(rank: int, world: int, spec: dict) -> dict[str, Any]:
     if spec["kind"] == "patch":
         result["bytes_per_step"] = rt.bytes_per_step()
         result["captures"] = rt.captures
+        result["kv_puts"] = rt.exchange.puts
     rt.remove()
     return result
 
@@ -181,6 +182,7 @@ def _collect(spec: dict, per_proc: list[dict]) -> dict[str, Any]:
     if spec["kind"] == "patch":
         row["bytes_per_rank"] = [p["bytes_per_step"] for p in per_proc]
         row["captures"] = [p["captures"] for p in per_proc]
+        row["kv_puts"] = [p["kv_puts"] for p in per_proc]
     return row
 
 

@@ -109,6 +109,11 @@ def _graphs(r: dict[str, Any]) -> str:
     return "–" if captures is None else ("eager" if not any(captures) else f"{max(captures)} graphs")
 
 
+def _kv_path(r: dict[str, Any]) -> str:
+    puts = r.get("kv_puts")
+    return "–" if not puts else ("puts" if all(puts) else "slots")
+
+
 def _header(meta: dict[str, Any], e: dict[str, Any]) -> list[str]:
     n, pct, K = e["n"], e["percent"], e["steps"]
     return [
@@ -125,7 +130,9 @@ def _header(meta: dict[str, Any], e: dict[str, Any]) -> list[str]:
         "vs DistriFusion: over what distrifuser's all-gather sends per rank and step (both boundaries of every 3x3 "
         "convolution, the whole K/V of every self-attention and every GroupNorm's moments to every other rank, plus "
         "the ε rows). PSNR: of the final latents against `one`'s, data range `one`'s (random weights: a "
-        "consistency check, not a quality claim). graphs: CUDA graphs captured per rank (eager: none).",
+        "consistency check, not a quality claim). graphs: CUDA graphs captured per rank (eager: none). K/V: puts "
+        "straight into the peers' buffers (Note [K/V puts] in strategies/patches/exchange.py) or through the "
+        "exchange slots (–: not recorded, runs before 2026-12-08).",
         "",
     ]
 
@@ -134,8 +141,8 @@ def _table(e: dict[str, Any]) -> list[str]:
     n, pct = e["n"], e["percent"]
     lines = [
         "| variant | what | loop median (s) | vs one | vs control | step (ms) | step vs control | sent/step (MB) "
-        "| vs DistriFusion | PSNR vs one (dB) | graphs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs DistriFusion | PSNR vs one (dB) | graphs | K/V |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in e["variants"].items():
         if "median_s" not in r:
@@ -145,7 +152,7 @@ def _table(e: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {r['label']} | {r['what']} | {t:.3f} | {_x(r.get('vs_one'))} | {_x(r.get('vs_control'))} "
             f"| {_x(r.get('step_ms'), '{:.1f}')} | {_x(r.get('step_vs_control'))} | {_split(r)} "
-            f"| {_x(r.get('vs_distrifusion'))} | {_psnr(r)} | {_graphs(r)} |"
+            f"| {_x(r.get('vs_distrifusion'))} | {_psnr(r)} | {_graphs(r)} | {_kv_path(r)} |"
         )
     return lines
 

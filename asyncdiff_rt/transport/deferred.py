@@ -5,6 +5,8 @@ captured there, as an event-wait node, which at every replay waits for the event
 So a transfer overlaps whatever the next step computes before its first read, also when that step is replayed.
 An exchange may come in groups, each with its own event (PatchParallel's K/V, one group per run of layers), so
 that a reader waits only for the group it reads and the rest of the transfer overlaps the reads of the first.
+A group may also carry *puts* (transport/windows.py): copies straight into peers' mapped buffers, issued on the same
+side stream before the group's messages, whose arrival then tells the receiver that the puts landed.
 
 Off CUDA, or where torch has no external events, it is an ordinary exchange (the caller's stream waits at once).
 The side stream goes through the transport's own streams, in issue order with every other exchange: a later
@@ -18,6 +20,7 @@ import inspect
 import torch
 
 from .base import Transport
+from .windows import put
 
 __all__ = ["DeferredExchange"]
 
@@ -40,19 +43,22 @@ class DeferredExchange:
             for event in self._done:
                 event.record(torch.cuda.current_stream(device))
 
-    def exchange(self, step: int, groups: list[tuple[dict, dict]]) -> None:
-        """Each (sends, recvs) of `groups` in order, as one step against the transport's throttle; group g's
-        completion (its sends read, its receives landed) is event g, and implies every earlier group's."""
+    def exchange(self, step: int, groups: list[tuple[dict, dict, list]]) -> None:
+        """Each group (sends, recvs, puts) in order, as one step against the transport's throttle: its puts (dst,
+        src) copied, then its messages; group g's completion (its sends read, its receives landed) is event g, and
+        implies every earlier group's."""
         if len(groups) != self.groups:
             raise ValueError(f"DeferredExchange made for {self.groups} group(s) got {len(groups)}")
         if not self.deferred:
             with self.transport.one_step():
-                for sends, recvs in groups:
+                for sends, recvs, puts in groups:
+                    put(puts)
                     self.transport.exchange(step, sends, recvs)
             return
         self._side.wait_stream(torch.cuda.current_stream(self.device))  # after the work that made the sends
         with torch.cuda.stream(self._side), self.transport.one_step():
-            for event, (sends, recvs) in zip(self._done, groups):
+            for event, (sends, recvs, puts) in zip(self._done, groups):
+                put(puts)
                 self.transport.exchange(step, sends, recvs)
                 event.record(self._side)
 

@@ -109,3 +109,32 @@ def test_graphs_equal_eager_and_the_simulator_in_float64(kind, mode, dtype):
             got, want = graphed[rank][1][call], eager[rank][1][call]
             _close(got, want, tol, f"rank {rank} call {call}: graphs vs eager")
             _close(want, ref, tol, f"rank {rank} call {call}: eager vs simulator")
+
+
+# ---- K/V puts over ipc -----------------------------------------------------------------------------------------
+# The stale K/V copied straight into the peers' CUDA-IPC-mapped buffers (exchange.py, Note [K/V puts]) against the
+# same run through the exchange slots (ASYNCDIFF_RT_PATCH_KV_PUTS=0): the same values in the same buffers, so
+# bitwise equal, and the simulator's in float64; graphs on (the puts' messages are awaited inside the replays), 2 and
+# 3 processes on the one GPU.
+PUT_CASES = {
+    (world, puts): dict(
+        case_of("sdxl", "corrected_async_gn"), size=32 * world, dtype="float64", transport="ipc", graphs=True,
+        env={"ASYNCDIFF_RT_PATCH_KV_PUTS": "1" if puts else "0"},
+    )
+    for world in (2, 3) for puts in (True, False)
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_k_v_puts_over_ipc_equal_the_slots_and_the_simulator(world):
+    names = [(world, True), (world, False)]
+    per_rank = spawn(run_cases, world, [PUT_CASES[n] for n in names], timeout_s=600)
+    ref = simulated(PUT_CASES[world, True], patches=world).cpu()
+    for rank in range(world):
+        put, slots = per_rank[rank]
+        assert put[0] == "ok" and slots[0] == "ok", (put, slots)
+        assert put[4] is True and slots[4] is False, f"rank {rank}: K/V puts {put[4]} / {slots[4]}"
+        assert put[3] > 0, f"rank {rank}: no graph captured"
+        for call in range(2):
+            assert torch.equal(put[1][call], slots[1][call]), f"rank {rank} call {call}: puts != slots"
+            _close(put[1][call], ref, 1e-8, f"rank {rank} call {call}: puts vs simulator")

@@ -63,6 +63,20 @@ the transfer was not what stood in the step, so the default stays the one transf
 moved beside the compute, twice per byte through the slots; benchmarks/README.md). The groups of one step are one
 entry of the transport's throttle (`Transport.one_step`): a host wait between them would hold the host at the
 GPU's pace.
+
+Note [K/V puts]: through the exchange slots every K/V byte is copied twice (into the slot, then out of it into the
+receiver's buffer): at 2048 px, P = 4, 2.5 GB to and from each rank per step, beside the compute on the one HBM of
+the emulation. Where the transport can map its peers' memory (transport/windows.py: `ipc` on CUDA, `shm` on the
+CPU), every rank's K/V buffers are carved out of one window that its peers map, and this rank's K/V part is copied
+straight into each peer's buffer (puts, one copy per byte), then each peer gets one small message behind them on
+the same stream: a stale step's closing exchange does so per K/V group (the message's arrival completes the group's
+event, Note [K/V groups]), an exact step at each K/V point (awaited there, like the fresh K/V it replaces). Safe with
+the one buffer of Note [kv slots] by two orderings: a put overwrites this rank's part in the peer's buffer, which the
+peer last read in its forward of the step the put follows or of the one before, and every put is issued after this
+rank received that forward's output rows (the closing rows exchange, which a later stream op of this rank follows),
+which the peer sends only after the forward; and the peer reads a put only after its message arrived (`kv_buffer`,
+the point's exchange, or `await_deferred` before an exact forward). Agreed by every rank (PatchParallel);
+ASYNCDIFF_RT_PATCH_KV_PUTS=0 keeps the slots.
 """
 
 from __future__ import annotations
@@ -75,6 +89,7 @@ import torch
 
 from ...errors import ConfigError
 from ...transport.deferred import DeferredExchange
+from ...transport.windows import PeerWindows, put
 from .graphs import overlap_enabled
 from .modes import StepPolicy
 
@@ -120,6 +135,12 @@ def _pieces(region: str, value: torch.Tensor) -> list[torch.Tensor]:
     return [value[j, b] for j in range(value.shape[0]) for b in range(value.shape[1])]
 
 
+def _aligned(numel: int, dtype: torch.dtype) -> int:
+    """`numel` rounded up to whole 256 bytes of `dtype` (where the next buffer in a window starts)."""
+    step = max(1, 256 // dtype.itemsize)
+    return -(-numel // step) * step
+
+
 def kv_runs(sizes: list[int], groups: int) -> list[int]:
     """The transfer group of each K/V point, given each point's bytes in forward order: consecutive points, cut
     where a group would pass 1/`groups` of the total (so about `groups` groups; Note [K/V groups])."""
@@ -141,9 +162,12 @@ def layout_dtypes(entries: dict[tuple, dict[str, _Entry]]) -> list[torch.dtype]:
 class PatchExchange:
     """Exchange points and buffers of rank `rank` of `world` patches over `transport`, for one call signature."""
 
-    def __init__(self, rank: int, world: int, transport: Any, device: torch.device, kv_groups: int = 1):
+    def __init__(
+        self, rank: int, world: int, transport: Any, device: torch.device, kv_groups: int = 1, kv_puts: bool = False
+    ):
         self.rank, self.world, self.transport, self.device = rank, world, transport, device
         self.kv_groups = kv_groups  # about how many transfers the deferred K/V are cut into (Note [K/V groups])
+        self.kv_puts = kv_puts  # whether to try the peer windows (Note [K/V puts]); every rank alike
         self.entries: dict[tuple, dict[str, _Entry]] = {}  # point -> region -> entry, in registration order
         self.full_bytes: dict[tuple, int] = {}  # point -> bytes of this patch's whole input (for the report)
         self.frozen = False
@@ -161,6 +185,15 @@ class PatchExchange:
         self._kv_group: dict[tuple, int] = {}  # point -> its transfer group (Note [K/V groups])
         self._kv_transfer: DeferredExchange | None = None  # made with the layout (Note [deferred K/V])
         self._kv_awaited = -1  # the last K/V group this step waited for
+        self._windows: PeerWindows | None = None  # Note [K/V puts]: made with the layout, None: through the slots
+        self._peer_kv: dict[int, dict[tuple, torch.Tensor]] = {}  # peer -> point -> that peer's K/V buffer
+        self._token = torch.zeros(1, dtype=torch.int32, device=device)  # the message behind a group's puts
+        self._token_in = {q: torch.zeros_like(self._token) for q in self.peers}
+
+    @property
+    def puts(self) -> bool:
+        """Whether the stale K/V go as puts into the peers' windows (Note [K/V puts]); known once frozen."""
+        return self._windows is not None
 
     @property
     def peers(self) -> list[int]:
@@ -212,6 +245,16 @@ class PatchExchange:
         if self._kv_transfer is not None:
             self._kv_transfer.await_received(group)
 
+    def retire(self) -> None:
+        """Before this exchange's buffers go (a new call signature, `remove`): the current stream waits for the K/V
+        still in flight into or out of them; with peer windows the host waits too, so that no put is still queued
+        when the mappings close (Note [K/V puts])."""
+        if self._kv_transfer is not None:
+            self._kv_transfer.await_received()
+        if self._windows is not None and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self._windows, self._peer_kv = None, {}
+
     def share(self, key: tuple, own: dict[str, torch.Tensor], fresh: bool, full_bytes: int = 0) -> tuple[dict, dict]:
         """Publish this rank's `own` region values at point `key`; return (own, others): own[region] is this
         rank's value (this step's when fresh, else the stale one), others[region][peer] the peer's value (of
@@ -232,7 +275,14 @@ class PatchExchange:
                 if value.data_ptr() != dst.data_ptr():  # not made in place (`kv_buffer`)
                     dst.copy_(value)
         if fresh:
-            if self.world > 1:
+            if self.world > 1 and self.puts and set(own) == {"kv"}:  # Note [K/V puts], at the point
+                put(p for q in self.peers for p in zip(self._parts_at(q, key), _pieces("kv", own["kv"])))
+                self.transport.exchange(
+                    self.policy.step,
+                    {q: [self._token] for q in self.peers},
+                    {q: [self._token_in[q]] for q in self.peers},
+                )
+            elif self.world > 1:
                 mine, theirs = self.mine[slot][key], self.theirs[slot]
                 sends = {q: [t for r in own if r in self.wanted_from_me(q) for t in _pieces(r, mine[r])]
                          for q in self.peers}  # fmt: skip
@@ -273,13 +323,15 @@ class PatchExchange:
         if not self.frozen or self.world == 1 or not regions or self._gather is None:
             return
         sends, recvs, kv_groups = self._closing(0, regions, self._gather[self.peers[0]])
-        for s, r in [(sends, recvs), *kv_groups]:
+        for s, r, *_ in [(sends, recvs), *kv_groups]:
             self.transport.prepare({q: v for q, v in s.items() if v}, {q: v for q, v in r.items() if v})
 
     def _closing(self, slot: int, regions: tuple[str, ...], rows: torch.Tensor) -> tuple:
         """A step's closing exchanges: (sends, receives) per peer of the rows, then the flat spans of `regions`
-        (into `slot`); and per K/V transfer group (Note [K/V groups]) the (sends, receives) of its points' K/V
-        parts in registration order (Note [kv slots]), no group unless "kv" is in `regions`."""
+        (into `slot`); and per K/V transfer group (Note [K/V groups]) the (sends, receives, puts) of its points' K/V
+        parts in registration order (Note [kv slots]): with peer windows the puts into each peer's buffer and one
+        small message per peer behind them (Note [K/V puts]), else the parts as messages; no group unless "kv" is
+        in `regions`."""
         sends, recvs = {}, {}
         for q in self.peers:
             sends[q] = [rows] + self._spans_of(self._flat_mine[slot], self.wanted_from_me(q), regions)
@@ -287,13 +339,24 @@ class PatchExchange:
         kv_groups: list[tuple[dict, dict]] = []
         for key, whole in self._kv.items() if "kv" in regions else ():
             if self._kv_group[key] == len(kv_groups):
-                kv_groups.append(({q: [] for q in self.peers}, {q: [] for q in self.peers}))
-            group_sends, group_recvs = kv_groups[-1]
+                tokens = self._windows is not None
+                kv_groups.append((
+                    {q: [self._token] if tokens else [] for q in self.peers},
+                    {q: [self._token_in[q]] if tokens else [] for q in self.peers}, [],
+                ))  # fmt: skip
+            group_sends, group_recvs, puts = kv_groups[-1]
             own = _pieces("kv", whole[:, :, self.rank])
             for q in self.peers:
-                group_sends[q] += own  # every peer gets the same own K/V
-                group_recvs[q] += _pieces("kv", whole[:, :, q])
+                if self._windows is not None:
+                    puts += zip(self._parts_at(q, key), own)
+                else:
+                    group_sends[q] += own  # every peer gets the same own K/V
+                    group_recvs[q] += _pieces("kv", whole[:, :, q])
         return sends, recvs, kv_groups
+
+    def _parts_at(self, peer: int, key: tuple) -> list[torch.Tensor]:
+        """Where this rank's K/V part of point `key` sits in `peer`'s window, as contiguous blocks (Note [K/V puts])."""
+        return _pieces("kv", self._peer_kv[peer][key][:, :, self.rank])
 
     # ---- layout -----------------------------------------------------------------------------------------------------
     def _register(self, key: tuple, own: dict[str, torch.Tensor], full_bytes: int) -> None:
@@ -326,19 +389,39 @@ class PatchExchange:
         for slot in (0, 1):
             self._flat_mine[slot] = self._flatten(self.mine[slot], sizes)
             self._flat_theirs[slot] = {q: self._flatten(self.theirs[slot][q], sizes) for q in self.peers}
+        arena = self._kv_arena()
         for key, entries in self.entries.items():
             if "kv" in entries:
-                self._kv[key] = self._whole_kv(key, entries["kv"])
+                self._kv[key] = self._whole_kv(key, entries["kv"], arena)
+        if self._windows is not None:
+            self._peer_kv = {q: {k: self._windows.view_of(q, w) for k, w in self._kv.items()} for q in self.peers}
         groups = kv_runs([entries["kv"].numel for entries in self.entries.values() if "kv" in entries], self.kv_groups)
         self._kv_group = dict(zip(self._kv, groups))
         self._kv_transfer = DeferredExchange(self.transport, self.device, overlap_enabled(), max(groups, default=0) + 1)
         self.frozen = True
 
-    def _whole_kv(self, key: tuple, entry: _Entry) -> torch.Tensor:
-        """The one K/V buffer of point `key`, holding the registering step's values; both slots' K/V become views
-        of it (Note [kv slots])."""
+    def _kv_arena(self) -> list | None:
+        """With peer windows (Note [K/V puts]): [window, next free element], every point's K/V buffer to be carved
+        out of this rank's window, 256-byte aligned; None (a buffer per point) otherwise. Collective."""
+        kv = [e["kv"] for e in self.entries.values() if "kv" in e]
+        if not (self.kv_puts and kv and len({e.dtype for e in kv}) == 1):
+            return None
+        numel = sum(_aligned(e.numel * self.world, e.dtype) for e in kv)
+        self._windows = PeerWindows.create(self.transport, numel, kv[0].dtype, self.device)
+        return None if self._windows is None else [self._windows.local, 0]
+
+    def _whole_kv(self, key: tuple, entry: _Entry, arena: list | None) -> torch.Tensor:
+        """The one K/V buffer of point `key` (in `arena` if given), holding the registering step's values; both
+        slots' K/V become views of it (Note [kv slots])."""
         kv, batch, *rest = entry.shape  # the own part's (2, batch, tokens, inner)
-        whole = torch.empty((kv, batch, self.world, *rest), dtype=entry.dtype, device=self.device)
+        shape = (kv, batch, self.world, *rest)
+        if arena is None:
+            whole = torch.empty(shape, dtype=entry.dtype, device=self.device)
+        else:
+            window, start = arena
+            numel = entry.numel * self.world
+            whole = window[start : start + numel].view(shape)
+            arena[1] = start + _aligned(numel, entry.dtype)
         for q in range(self.world):
             both = [self.mine[s][key] if q == self.rank else self.theirs[s][q][key] for s in (0, 1)]
             whole[:, :, q].copy_(both[0]["kv"])  # one tensor for both slots since `_register`
@@ -373,34 +456,3 @@ class PatchExchange:
                     runs.append([begin, end])
             out += [flat[dtype][b:e] for b, e in runs]
         return out
-
-    # ---- report -----------------------------------------------------------------------------------------------------
-    def bytes_per_step(self, regions: tuple[str, ...] = REGIONS) -> dict[str, int]:
-        """Bytes this rank sends per step in `regions` (halos, K/V, moments), what all-gathering every exchanged
-        layer's whole input to every peer would send instead ("all_gather"), and what DistriFusion's all-gather
-        sends ("distrifusion", `distrifusion_bytes`)."""
-        out = {"halo": 0, "kv": 0, "gn": 0}
-        for entries in self.entries.values():
-            for region, entry in entries.items():
-                if region not in regions:
-                    continue
-                receivers = sum(region in self.wanted_from_me(q) for q in self.peers)
-                out["halo" if region in ("top", "bottom") else region] += entry.numel * entry.dtype.itemsize * receivers
-        out["all_gather"] = sum(self.full_bytes.values()) * len(self.peers)
-        out["distrifusion"] = self.distrifusion_bytes()
-        return out
-
-    def distrifusion_bytes(self) -> int:
-        """What this rank sends per async step in distrifuser's one all-gather (mit-han-lab/distrifuser,
-        modules/pp): every other rank gets, per 3x3 convolution, both boundaries of `padding` rows (ours: only the
-        rows a neighbour reads, to that neighbour), per self-attention the patch's whole K and V, per GroupNorm the
-        moments (as ours: 2 x batch x groups, in our moment dtype). Our `bottom` region is exactly `padding` rows."""
-        total = 0
-        for entries in self.entries.values():
-            for region, entry in entries.items():
-                size = entry.numel * entry.dtype.itemsize
-                if region == "bottom":
-                    total += 2 * size  # the top boundary has as many rows as the bottom one
-                elif region in ("kv", "gn"):
-                    total += size
-        return total * len(self.peers)

@@ -32,12 +32,14 @@ from ...runtime.guards import LoopGuard, digest
 from ...runtime.hooks import ForwardOverrides
 from ...runtime.session import Session, dist_ready
 from ...runtime.timeline import Timeline
+from ...transport.windows import puts_supported, puts_wanted
 from ..cfg import CfgSplit
 from .checks import check_controlnet, check_denoiser, check_rows, full_input_convs, row_factor, self_attentions
 from .exchange import REGIONS, PatchExchange, kv_groups
 from .graphs import PatchGraphs, graphs_allowed, overlap_enabled, tensor_timestep
 from .layers import conv_in_forward, group_norm_forward, halo_conv_forward, self_attention_forward
 from .modes import SYNC_MODES, StepPolicy
+from .traffic import bytes_per_step
 
 __all__ = ["PatchParallel", "SYNC_MODES"]
 
@@ -115,6 +117,7 @@ class PatchParallel:
         use_graphs = (self.device.type == "cuda" if graphs is None else bool(graphs)) and self.device.type == "cuda"
         use_graphs = use_graphs and graphs_allowed(sync_mode)
         self.kv_groups = kv_groups()  # the K/V transfer's groups: every rank must cut the same messages
+        kv_puts = puts_wanted()  # and take the same K/V path (exchange.py, Note [K/V puts])
 
         # ---- ranks: the world is the patches (x2 with cfg_parallel); every rank agrees on the configuration
         world = _world_size(group)
@@ -136,12 +139,14 @@ class PatchParallel:
                     "version": __version__,
                     "graphs": use_graphs,  # graphs with exchanges inside agree on their capture (graphs.py)
                     "kv_groups": self.kv_groups,
+                    "kv_puts": kv_puts,
                 }
             )
         except (ConfigError, DenoiserError):
             self.session.close()
             raise
         self.transport = self.session.transport
+        self.kv_puts = kv_puts and puts_supported(self.transport, self.device)
         self.rank, self.world_size = self.session.rank, self.session.world_size  # within this guidance half
         self.cfg = (
             CfgSplit(self.adapter, self.session.half, self.session.partner, self.session.world)
@@ -151,7 +156,7 @@ class PatchParallel:
 
         # ---- per-rank state; hooks last: nothing is installed if anything above raised
         self.timeline = Timeline(self.device)
-        self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device, self.kv_groups)
+        self.exchange = self._new_exchange()
         self.graphs = PatchGraphs(self.device, graphs, self.transport, sync_mode)
         self._signature: Any = None
         self._out_bytes = 0
@@ -222,10 +227,10 @@ class PatchParallel:
     def bytes_per_step(self) -> dict[str, int]:
         """Bytes this rank sends per steady-state step (halo, kv, gn; "output": the ε rows gathered); "all_gather":
         what gathering every exchanged layer's whole input would send; "distrifusion": what distrifuser's all-gather
-        of boundaries, K/V and moments sends (exchange.py, `distrifusion_bytes`). Known after a first call."""
+        of boundaries, K/V and moments sends (traffic.py, `distrifusion_bytes`). Known after a first call."""
         steady = StepPolicy(self.sync_mode, self.warm_up, self.warm_up)
         regions = steady.packed_regions + (("gn",) if self.sync_mode == "sync_gn" else ())  # sync_gn: fresh
-        out = self.exchange.bytes_per_step(REGIONS if self.sync_mode == "full_sync" else regions)
+        out = bytes_per_step(self.exchange, REGIONS if self.sync_mode == "full_sync" else regions)
         rows = self._out_bytes if self._signature is not None else 0
         out["output"] = rows * (self.world_size - 1)
         return out
@@ -233,6 +238,7 @@ class PatchParallel:
     def remove(self) -> None:
         """Take the hooks out: the pipeline is plain diffusers again."""
         self._overrides.remove()
+        self.exchange.retire()
         self.session.close()
 
     # ------------------------------------------------------------------------------------------ pipeline call
@@ -282,9 +288,13 @@ class PatchParallel:
         # warm_up >= the steps asked for runs exact, also where the scheduler calls the denoiser once more (PNDM)
         self._call_warm_up = effective_warm_up(self.warm_up, self._call_steps, steps)
         if signature != self._signature:  # new shapes: register the exchange points again at step 0
-            self.exchange = PatchExchange(self.rank, self.world_size, self.transport, self.device, self.kv_groups)
+            self.exchange.retire()
+            self.exchange = self._new_exchange()
             self.graphs.clear()  # their static slots were the old exchange's
             self._signature = signature
+
+    def _new_exchange(self) -> PatchExchange:
+        return PatchExchange(self.rank, self.world_size, self.transport, self.device, self.kv_groups, self.kv_puts)
 
     def _controlnet_forward(self, original: Any):
         """Note [patch ControlNet]: the pipeline calls the ControlNet on the full latent and image before the UNet

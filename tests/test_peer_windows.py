@@ -1,0 +1,76 @@
+"""Peer windows (asyncdiff_rt/transport/windows.py) on the CPU: where puts apply, a peer's view of a local part,
+and the set-up's all-or-none rule, with a fake transport whose all-gather returns what a peer would have sent."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+import pytest
+import torch
+
+from asyncdiff_rt.transport.base import Transport
+from asyncdiff_rt.transport.windows import PeerWindows, put, puts_supported
+
+
+class _Fake(Transport):
+    """Rank 0 of 2; `peer` is what rank 1 answers to each all-gather, in order."""
+
+    def __init__(self, name: str, peer: list):
+        self.name, self.rank, self.world_size, self._peer, self.phases = name, 0, 2, list(peer), []
+
+    def exchange(self, step, sends, recvs):
+        raise NotImplementedError
+
+    def broadcast(self, tensor, src, step):
+        raise NotImplementedError
+
+    def all_gather_object(self, obj, phase=None):
+        self.phases.append(phase)
+        return [obj, self._peer.pop(0)]
+
+
+def _own_files() -> set[str]:
+    return set(glob.glob(f"/dev/shm/adrt_window_{os.getpid()}_*"))
+
+
+def test_puts_apply_to_ipc_on_cuda_and_shm_on_the_cpu_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert puts_supported(_Fake("shm", []), cpu) and puts_supported(_Fake("ipc", []), cuda)
+    assert not puts_supported(_Fake("shm", []), cuda)  # its slots are host memory: no device window
+    assert not any(puts_supported(_Fake(n, []), d) for n in ("gloo", "nccl", "local") for d in (cpu, cuda))
+
+
+def test_a_window_mapped_by_a_peer_sees_the_puts_at_the_same_offsets():
+    other = "/dev/shm/adrt_window_test_peer"
+    peer_buffer = torch.from_file(other, shared=True, size=64, dtype=torch.float32)
+    try:
+        fake = _Fake("shm", [(other, ""), ""])  # rank 1 exported `other`, then mapped ours without a problem
+        before = _own_files()
+        windows = PeerWindows.create(fake, 64, torch.float32, torch.device("cpu"))
+        assert windows is not None and fake.phases == ["the peer windows' set-up (K/V puts)"] * 2
+        assert _own_files() == before  # our file is unlinked once the peer mapped it; the mapping stays
+        local = windows.local[8:32].view(2, 3, 4)[:, 1]  # a strided part, as a K/V part in a buffer
+        src = torch.arange(8, dtype=torch.float32).view(2, 4)
+        put([(windows.view_of(1, local), src)])
+        assert torch.equal(peer_buffer[8:32].view(2, 3, 4)[:, 1], src)  # where rank 1 reads our part
+        assert peer_buffer.count_nonzero() == 7  # nothing else written (src holds one zero)
+        assert windows.local.count_nonzero() == 0  # a put writes the peer's window, not ours
+    finally:
+        os.unlink(other)
+
+
+@pytest.mark.parametrize("failing", ["export", "map"])
+def test_a_window_that_cannot_be_shared_makes_every_rank_keep_the_slots(failing, caplog):
+    """Rank 1 could not export its window, or this rank cannot map rank 1's (a path that cannot exist): the
+    problem reaches every rank through the all-gathers, so all of them return None (the slots) and say why."""
+    problem = "rank 1 could not export its window: RuntimeError: no IPC here"
+    answers = [(None, problem)] if failing == "export" else [("/dev/shm/adrt_no_such_dir/window", ""), ""]
+    before = _own_files()
+    with caplog.at_level(logging.WARNING, logger="asyncdiff_rt"):
+        windows = PeerWindows.create(_Fake("shm", answers), 16, torch.float32, torch.device("cpu"))
+    assert windows is None
+    assert "the K/V go through the exchange slots" in caplog.text
+    assert (problem if failing == "export" else "rank 0 could not map a peer's window") in caplog.text
+    assert _own_files() == before  # nothing left in /dev/shm
