@@ -55,14 +55,10 @@ eager by 0.1 without it (H200, 2026-12-03; the cuda tier passes with it).
 Note [K/V groups]: the deferred K/V may go as several exchanges of consecutive points (`kv_runs`, about
 ASYNCDIFF_RT_PATCH_KV_GROUPS of them, default 1, agreed by every rank), each completing its own event, so that step
 k+1's first access to a point of group g waits for group g only and the later layers' transfer runs beside the
-earlier layers' compute. The hypothesis it tested: that the one transfer (2048 px, P = 4: 2.5 GB to and from
-every rank, through one shared HBM in the emulation) stood in the step after the few ms of resnets before the
-first self-attention, making the corrected_async_gn step 1.09x the no_sync one (H100, 2026-12-07). Measured with 8
-groups (H200, 2026-12-07): 236.3 ms against 235.2 ms with one (another H200, 2026-12-07), still 1.09x no_sync's:
-the transfer was not what stood in the step, so the default stays the one transfer (what else does: the bytes
-moved beside the compute, twice per byte through the slots; benchmarks/README.md). The groups of one step are one
-entry of the transport's throttle (`Transport.one_step`): a host wait between them would hold the host at the
-GPU's pace.
+earlier layers' compute. Measured with 8 groups (H200, 2026-12-07, 2048 px, P = 4): 236.3 ms per step against 235.2
+with one, so the wait for the one transfer was not what made the step 1.09x no_sync's, and the default stays one
+(benchmarks/README.md). The groups of one step are one entry of the transport's throttle (`Transport.one_step`): a
+host wait between them would hold the host at the GPU's pace.
 
 Note [K/V puts]: through the exchange slots every K/V byte is copied twice (into the slot, then out of it into the
 receiver's buffer): at 2048 px, P = 4, 2.5 GB to and from each rank per step, beside the compute on the one HBM of
@@ -76,7 +72,8 @@ peer last read in its forward of the step the put follows or of the one before, 
 rank received that forward's output rows (the closing rows exchange, which a later stream op of this rank follows),
 which the peer sends only after the forward; and the peer reads a put only after its message arrived (`kv_buffer`,
 the point's exchange, or `await_deferred` before an exact forward). Agreed by every rank (PatchParallel);
-ASYNCDIFF_RT_PATCH_KV_PUTS=0 keeps the slots.
+ASYNCDIFF_RT_PATCH_KV_PUTS=0 keeps the slots. Measured (H100, 2026-12-08, 2048 px, P = 4, emulated): 234.9 ms per
+corrected_async_gn step against 241.1 ms through the slots in the same call; bitwise the slots' values (cuda tier).
 """
 
 from __future__ import annotations
@@ -328,10 +325,9 @@ class PatchExchange:
 
     def _closing(self, slot: int, regions: tuple[str, ...], rows: torch.Tensor) -> tuple:
         """A step's closing exchanges: (sends, receives) per peer of the rows, then the flat spans of `regions`
-        (into `slot`); and per K/V transfer group (Note [K/V groups]) the (sends, receives, puts) of its points' K/V
-        parts in registration order (Note [kv slots]): with peer windows the puts into each peer's buffer and one
-        small message per peer behind them (Note [K/V puts]), else the parts as messages; no group unless "kv" is
-        in `regions`."""
+        (into `slot`); and per K/V group (Note [K/V groups]) the (sends, receives, puts) of its points' K/V parts in
+        registration order (Note [kv slots]): puts and one message per peer (Note [K/V puts]) or the parts as
+        messages; no group unless "kv" is in `regions`."""
         sends, recvs = {}, {}
         for q in self.peers:
             sends[q] = [rows] + self._spans_of(self._flat_mine[slot], self.wanted_from_me(q), regions)
@@ -339,11 +335,9 @@ class PatchExchange:
         kv_groups: list[tuple[dict, dict]] = []
         for key, whole in self._kv.items() if "kv" in regions else ():
             if self._kv_group[key] == len(kv_groups):
-                tokens = self._windows is not None
-                kv_groups.append((
-                    {q: [self._token] if tokens else [] for q in self.peers},
-                    {q: [self._token_in[q]] if tokens else [] for q in self.peers}, [],
-                ))  # fmt: skip
+                tokens = self._windows is not None  # the message behind a group's puts
+                kv_groups.append(({q: [self._token] * tokens for q in self.peers},
+                                  {q: [self._token_in[q]] * tokens for q in self.peers}, []))  # fmt: skip
             group_sends, group_recvs, puts = kv_groups[-1]
             own = _pieces("kv", whole[:, :, self.rank])
             for q in self.peers:
@@ -355,7 +349,7 @@ class PatchExchange:
         return sends, recvs, kv_groups
 
     def _parts_at(self, peer: int, key: tuple) -> list[torch.Tensor]:
-        """Where this rank's K/V part of point `key` sits in `peer`'s window, as contiguous blocks (Note [K/V puts])."""
+        """This rank's K/V part of point `key` in `peer`'s window, as contiguous blocks (Note [K/V puts])."""
         return _pieces("kv", self._peer_kv[peer][key][:, :, self.rank])
 
     # ---- layout -----------------------------------------------------------------------------------------------------
