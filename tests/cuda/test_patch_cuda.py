@@ -138,3 +138,29 @@ def test_k_v_puts_over_ipc_equal_the_slots_and_the_simulator(world):
         for call in range(2):
             assert torch.equal(put[1][call], slots[1][call]), f"rank {rank} call {call}: puts != slots"
             _close(put[1][call], ref, 1e-8, f"rank {rank} call {call}: puts vs simulator")
+
+
+# ---- ControlNet ------------------------------------------------------------------------------------------------
+# The ControlNet split into the UNet's row patches (Note [patch ControlNet] in strategies/patches/parallel.py) on the
+# GPU: 2 processes over ipc with K/V puts, float64, the UNet's graphs on (the ControlNet runs eagerly), equal to the
+# simulator; full_sync also equal to plain diffusers.
+CONTROLNET_CASES = {
+    mode: dict(case_of("sdxl", mode), kind="sdxl_controlnet", dtype="float64", transport="ipc", graphs=True)
+    for mode in ("corrected_async_gn", "full_sync")
+}
+
+
+def test_controlnet_split_into_the_same_patches_equals_the_simulator_on_the_gpu():
+    from patch_cases import plain
+
+    per_rank = spawn(run_cases, 2, list(CONTROLNET_CASES.values()), timeout_s=600)
+    for i, (mode, case) in enumerate(CONTROLNET_CASES.items()):
+        ref = simulated(case, patches=2).cpu()
+        for rank in range(2):
+            got = per_rank[rank][i]
+            assert got[0] == "ok", f"{mode} rank {rank}: {got}"
+            assert got[3] > 0, f"{mode} rank {rank}: no graph captured"
+            for call in range(2):
+                _close(got[1][call], ref, 1e-8, f"{mode} rank {rank} call {call}: vs simulator")
+        if mode == "full_sync":
+            _close(ref, plain(case).cpu(), 1e-8, "full_sync simulator vs plain diffusers")
