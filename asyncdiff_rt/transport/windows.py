@@ -31,7 +31,8 @@ __all__ = ["PUTS_ENV", "PeerWindows", "put", "puts_supported", "puts_wanted"]
 
 log = logging.getLogger("asyncdiff_rt")
 
-# 0: never put (the K/V go through the exchange slots, as before 2026-12-08).
+# 0: never put (the K/V go through the exchange slots, as before 2026-12-08). Default 1: 234.9 against 241.1 ms per
+# corrected_async_gn step (H100, 2048 px, P = 4, emulated, one call; benchmarks/README.md).
 PUTS_ENV = "ASYNCDIFF_RT_PATCH_KV_PUTS"
 
 
