@@ -43,7 +43,7 @@ def test_puts_apply_to_ipc_on_cuda_and_shm_on_the_cpu_only():
 
 
 def test_a_window_mapped_by_a_peer_sees_the_puts_at_the_same_offsets():
-    other = "/dev/shm/adrt_window_test_peer"
+    other = f"/dev/shm/adrt_window_test_peer_{os.getpid()}"
     peer_buffer = torch.from_file(other, shared=True, size=64, dtype=torch.float32)
     try:
         fake = _Fake("shm", [(other, ""), ""])  # rank 1 exported `other`, then mapped ours without a problem
