@@ -36,6 +36,8 @@ CASES_2 = {
     "sd15_exact_warm_up": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=3),
     "sd15_two_calls": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=3, warm_up=1, calls=2),
     "sd15_shm": dict(kind="sd15", size=128, sync_mode="stale_gn", steps=3, warm_up=1, transport="shm"),
+    # warm_up=2: the registering step's K/V are dropped before the window is made (the next step rewrites them)
+    "sd15_shm_w2": dict(kind="sd15", size=128, sync_mode="corrected_async_gn", steps=4, warm_up=2, transport="shm"),
     "sd15_shm_slots": dict(
         kind="sd15", size=128, sync_mode="stale_gn", steps=3, warm_up=1, transport="shm", env={PUTS_ENV: "0"}
     ),
@@ -109,7 +111,7 @@ def test_two_calls_in_a_row_identical():
         assert torch.equal(got[0], got[1])
 
 
-@pytest.mark.parametrize("name,puts", [("sd15_shm", True), ("sd15_shm_slots", False)])
+@pytest.mark.parametrize("name,puts", [("sd15_shm", True), ("sd15_shm_w2", True), ("sd15_shm_slots", False)])
 def test_shm_equals_the_simulator(name, puts):
     """Over shm the stale K/V go as puts into the peer's mapped window (exchange.py, Note [K/V puts]), or with
     ASYNCDIFF_RT_PATCH_KV_PUTS=0 through the exchange slots: either way the simulator's result."""

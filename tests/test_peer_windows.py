@@ -42,21 +42,23 @@ def test_puts_apply_to_ipc_on_cuda_and_shm_on_the_cpu_only():
     assert not any(puts_supported(_Fake(n, []), d) for n in ("gloo", "nccl", "local") for d in (cpu, cuda))
 
 
-def test_a_window_mapped_by_a_peer_sees_the_puts_at_the_same_offsets():
+def test_a_window_mapped_by_a_peer_sees_the_puts_in_the_same_buffer_at_the_same_offsets():
     other = f"/dev/shm/adrt_window_test_peer_{os.getpid()}"
-    peer_buffer = torch.from_file(other, shared=True, size=64, dtype=torch.float32)
+    peer_flat = torch.from_file(other, shared=True, size=64 + 16, dtype=torch.float32)  # 24 -> 64, 10 -> 16
     try:
         fake = _Fake("shm", [(other, ""), ""])  # rank 1 exported `other`, then mapped ours without a problem
         before = _own_files()
-        windows = PeerWindows.create(fake, 64, torch.float32, torch.device("cpu"))
+        windows = PeerWindows.create(fake, [(2, 3, 4), (10,)], torch.float32, torch.device("cpu"))
         assert windows is not None and fake.phases == ["the peer windows' set-up (K/V puts)"] * 2
         assert _own_files() == before  # our file is unlinked once the peer mapped it; the mapping stays
-        local = windows.local[8:32].view(2, 3, 4)[:, 1]  # a strided part, as a K/V part in a buffer
-        src = torch.arange(8, dtype=torch.float32).view(2, 4)
-        put([(windows.view_of(1, local), src)])
-        assert torch.equal(peer_buffer[8:32].view(2, 3, 4)[:, 1], src)  # where rank 1 reads our part
-        assert peer_buffer.count_nonzero() == 7  # nothing else written (src holds one zero)
-        assert windows.local.count_nonzero() == 0  # a put writes the peer's window, not ours
+        assert [t.shape for t in windows.local] == [t.shape for t in windows.remote[1]] == [(2, 3, 4), (10,)]
+        src = torch.arange(1, 9, dtype=torch.float32).view(2, 4)
+        put([(windows.remote[1][0][:, 1], src), (windows.remote[1][1], torch.full((10,), 7.0))])
+        # where rank 1 reads them: buffer 0 at 0, buffer 1 on the next 256-byte boundary (element 64)
+        assert torch.equal(peer_flat[:24].view(2, 3, 4)[:, 1], src)
+        assert torch.equal(peer_flat[64:74], torch.full((10,), 7.0))
+        assert peer_flat.count_nonzero() == 18  # nothing else written
+        assert all(t.count_nonzero() == 0 for t in windows.local)  # a put writes the peer's window, not ours
     finally:
         os.unlink(other)
 
@@ -69,7 +71,7 @@ def test_a_window_that_cannot_be_shared_makes_every_rank_keep_the_slots(failing,
     answers = [(None, problem)] if failing == "export" else [("/dev/shm/adrt_no_such_dir/window", ""), ""]
     before = _own_files()
     with caplog.at_level(logging.WARNING, logger="asyncdiff_rt"):
-        windows = PeerWindows.create(_Fake("shm", answers), 16, torch.float32, torch.device("cpu"))
+        windows = PeerWindows.create(_Fake("shm", answers), [(16,)], torch.float32, torch.device("cpu"))
     assert windows is None
     assert "the K/V go through the exchange slots" in caplog.text
     assert (problem if failing == "export" else "rank 0 could not map a peer's window") in caplog.text

@@ -18,6 +18,7 @@ puts' bytes are visible once the message's flag is).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 from collections.abc import Iterable
@@ -55,17 +56,35 @@ def put(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         dst.copy_(src)
 
 
-class PeerWindows:
-    """This rank's window (`local`, `numel` elements of `dtype`, zero-filled) and every peer's, mapped (`remote[q]`,
-    the same shape); made collectively by `create`."""
+def _carve(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Consecutive buffers of `shapes` in `flat`, each starting on a 256-byte boundary (`_numel` of them)."""
+    out, start = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[start : start + n].view(shape))
+        start += _aligned(n, flat.element_size())
+    return out
 
-    def __init__(self, rank: int, local: torch.Tensor, remote: dict[int, torch.Tensor]):
+
+def _aligned(numel: int, itemsize: int) -> int:
+    step = max(1, 256 // itemsize)
+    return -(-numel // step) * step
+
+
+class PeerWindows:
+    """This rank's window, as buffers of the shapes asked for (`local[i]`, zero-filled), and every peer's, mapped
+    (`remote[q][i]`, the same shapes at the same offsets); made collectively by `create`."""
+
+    def __init__(self, rank: int, local: list[torch.Tensor], remote: dict[int, list[torch.Tensor]]):
         self.rank, self.local, self.remote = rank, local, remote
 
     @classmethod
-    def create(cls, transport: Transport, numel: int, dtype: torch.dtype, device: torch.device) -> PeerWindows | None:
-        """Every rank of `transport` calls it alike; None on every rank where any rank could not export or map
-        its window (the reason logged), so that all ranks take the same path."""
+    def create(
+        cls, transport: Transport, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device
+    ) -> PeerWindows | None:
+        """Every rank of `transport` calls it alike, with the same shapes; None on every rank where any rank
+        could not export or map its window (the reason logged), so that all ranks take the same path."""
+        numel = sum(_aligned(math.prod(shape), dtype.itemsize) for shape in shapes)
         peers = [q for q in range(transport.world_size) if q != transport.rank]
         phase = "the peer windows' set-up (K/V puts)"
         local, handle, path, problem = None, None, None, ""
@@ -100,10 +119,4 @@ class PeerWindows:
         if problem:
             log.warning("asyncdiff_rt: peer windows unavailable (%s): the K/V go through the exchange slots", problem)
             return None
-        return cls(transport.rank, local, remote)
-
-    def view_of(self, peer: int, local_view: torch.Tensor) -> torch.Tensor:
-        """The part of `peer`'s window where `local_view` (a view of this rank's `local`) sits in ours."""
-        remote = self.remote[peer]
-        offset = remote.storage_offset() + local_view.storage_offset() - self.local.storage_offset()
-        return remote.as_strided(local_view.shape, local_view.stride(), offset)
+        return cls(transport.rank, _carve(local, shapes), {q: _carve(remote[q], shapes) for q in peers})

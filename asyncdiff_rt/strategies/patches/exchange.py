@@ -132,12 +132,6 @@ def _pieces(region: str, value: torch.Tensor) -> list[torch.Tensor]:
     return [value[j, b] for j in range(value.shape[0]) for b in range(value.shape[1])]
 
 
-def _aligned(numel: int, dtype: torch.dtype) -> int:
-    """`numel` rounded up to whole 256 bytes of `dtype` (where the next buffer in a window starts)."""
-    step = max(1, 256 // dtype.itemsize)
-    return -(-numel // step) * step
-
-
 def kv_runs(sizes: list[int], groups: int) -> list[int]:
     """The transfer group of each K/V point, given each point's bytes in forward order: consecutive points, cut
     where a group would pass 1/`groups` of the total (so about `groups` groups; Note [K/V groups])."""
@@ -383,42 +377,42 @@ class PatchExchange:
         for slot in (0, 1):
             self._flat_mine[slot] = self._flatten(self.mine[slot], sizes)
             self._flat_theirs[slot] = {q: self._flatten(self.theirs[slot][q], sizes) for q in self.peers}
-        arena = self._kv_arena()
-        for key, entries in self.entries.items():
-            if "kv" in entries:
-                self._kv[key] = self._whole_kv(key, entries["kv"], arena)
-        if self._windows is not None:
-            self._peer_kv = {q: {k: self._windows.view_of(q, w) for k, w in self._kv.items()} for q in self.peers}
+        kv_keys = [key for key, entries in self.entries.items() if "kv" in entries]
+        windows = self._kv_windows([self.entries[key]["kv"] for key in kv_keys])
+        for i, key in enumerate(kv_keys):
+            self._kv[key] = self._whole_kv(key, self.entries[key]["kv"], windows.local[i] if windows else None)
+        if windows is not None:
+            self._peer_kv = {q: dict(zip(kv_keys, windows.remote[q])) for q in self.peers}
         groups = kv_runs([entries["kv"].numel for entries in self.entries.values() if "kv" in entries], self.kv_groups)
         self._kv_group = dict(zip(self._kv, groups))
         self._kv_transfer = DeferredExchange(self.transport, self.device, overlap_enabled(), max(groups, default=0) + 1)
         self.frozen = True
 
-    def _kv_arena(self) -> list | None:
-        """With peer windows (Note [K/V puts]): [window, next free element], every point's K/V buffer to be carved
-        out of this rank's window, 256-byte aligned; None (a buffer per point) otherwise. Collective."""
-        kv = [e["kv"] for e in self.entries.values() if "kv" in e]
+    def _kv_windows(self, kv: list[_Entry]) -> PeerWindows | None:
+        """With puts (Note [K/V puts]): every K/V point's whole buffer in one window of this rank that its peers
+        map, in registration order; None (a buffer per point) otherwise. Collective."""
         if not (self.kv_puts and kv and len({e.dtype for e in kv}) == 1):
             return None
-        numel = sum(_aligned(e.numel * self.world, e.dtype) for e in kv)
-        self._windows = PeerWindows.create(self.transport, numel, kv[0].dtype, self.device)
-        return None if self._windows is None else [self._windows.local, 0]
+        if StepPolicy(self.policy.sync_mode, self.policy.warm_up, self.policy.step + 1).exact:
+            # the next step writes every part before reading it: the registering step's K/V go first, so that the
+            # window is not allocated beside them (it was the set-up's memory peak)
+            for held in [*self.mine, *(self.theirs[s][q] for s in (0, 1) for q in self.peers)]:
+                for regions in held.values():
+                    regions.pop("kv", None)
+        shapes = [(e.shape[0], e.shape[1], self.world, *e.shape[2:]) for e in kv]
+        self._windows = PeerWindows.create(self.transport, shapes, kv[0].dtype, self.device)
+        return self._windows
 
-    def _whole_kv(self, key: tuple, entry: _Entry, arena: list | None) -> torch.Tensor:
-        """The one K/V buffer of point `key` (in `arena` if given), holding the registering step's values; both
-        slots' K/V become views of it (Note [kv slots])."""
+    def _whole_kv(self, key: tuple, entry: _Entry, window: torch.Tensor | None) -> torch.Tensor:
+        """The one K/V buffer of point `key` (`window` if given, zero-filled), holding the registering step's values
+        unless `_kv_windows` dropped them; both slots' K/V become views of it (Note [kv slots])."""
         kv, batch, *rest = entry.shape  # the own part's (2, batch, tokens, inner)
         shape = (kv, batch, self.world, *rest)
-        if arena is None:
-            whole = torch.empty(shape, dtype=entry.dtype, device=self.device)
-        else:
-            window, start = arena
-            numel = entry.numel * self.world
-            whole = window[start : start + numel].view(shape)
-            arena[1] = start + _aligned(numel, entry.dtype)
+        whole = window if window is not None else torch.zeros(shape, dtype=entry.dtype, device=self.device)
         for q in range(self.world):
             both = [self.mine[s][key] if q == self.rank else self.theirs[s][q][key] for s in (0, 1)]
-            whole[:, :, q].copy_(both[0]["kv"])  # one tensor for both slots since `_register`
+            if "kv" in both[0]:  # one tensor for both slots since `_register`
+                whole[:, :, q].copy_(both[0]["kv"])
             for values in both:
                 values["kv"] = whole[:, :, q]
         return whole
