@@ -136,8 +136,8 @@ def deferred_wait_order(rank: int, world: int, modes: list[str]) -> list:
         events.clear()
         with torch.no_grad():
             pipe(**call_kwargs(case, rank))
+        results.append(list(events))  # the call's (`remove` waits for the last K/V too, after it)
         pp.remove()
-        results.append(list(events))
     return results
 
 
@@ -183,5 +183,6 @@ def kv_write_order(rank: int, world: int, mode: str, groups: int) -> tuple[list,
         for k, w in ex._kv.items()
     ]
     groups = len(set(ex._kv_group.values()))
+    in_the_call = list(events)  # `remove` waits for the last K/V too (`retire`), after the call
     pp.remove()
-    return events, shared, groups
+    return in_the_call, shared, groups

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["SLOT_ENV", "default_slot_bytes", "split"]
+__all__ = ["ALIGNMENT", "SLOT_ENV", "aligned", "default_slot_bytes", "split"]
 
 ALIGNMENT = 256  # csrc/shm_channel.h: ShmChannel::kPartAlignment (tests/test_slot_pieces.py checks they agree)
 GRANULE = 64 * 1024  # the channels' capacity granule (shm.py): a slot cap is a multiple of it
@@ -30,7 +30,8 @@ def default_slot_bytes() -> int:
     return max(GRANULE, -(-int(mb * 1024 * 1024) // GRANULE) * GRANULE)
 
 
-def _aligned(offset: int) -> int:
+def aligned(offset: int) -> int:
+    """`offset` (bytes) rounded up to the next 256-byte boundary, where a part or a buffer starts."""
     return -(-offset // ALIGNMENT) * ALIGNMENT
 
 
@@ -43,7 +44,7 @@ def split(parts: list[tuple[int, int]], cap: int) -> list[list[tuple[int, int]]]
     offset = 0
     for ptr, nbytes in parts:
         while True:
-            start = _aligned(offset)
+            start = aligned(offset)
             room = cap - start
             if pieces[-1] and (room <= 0 or (room < nbytes and room < GRANULE)):  # no useful room left here
                 pieces.append([])

@@ -27,6 +27,7 @@ import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from .base import Transport
+from .pieces import aligned
 
 __all__ = ["PUTS_ENV", "PeerWindows", "put", "puts_supported", "puts_wanted"]
 
@@ -57,18 +58,17 @@ def put(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
 
 
 def _carve(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
-    """Consecutive buffers of `shapes` in `flat`, each starting on a 256-byte boundary (`_numel` of them)."""
+    """Consecutive buffers of `shapes` in `flat`, each starting on a 256-byte boundary (`_span` elements each)."""
     out, start = [], 0
     for shape in shapes:
-        n = math.prod(shape)
-        out.append(flat[start : start + n].view(shape))
-        start += _aligned(n, flat.element_size())
+        out.append(flat[start : start + math.prod(shape)].view(shape))
+        start += _span(shape, flat.element_size())
     return out
 
 
-def _aligned(numel: int, itemsize: int) -> int:
-    step = max(1, 256 // itemsize)
-    return -(-numel // step) * step
+def _span(shape: tuple[int, ...], itemsize: int) -> int:
+    """Elements a buffer of `shape` takes in a window, up to where the next one starts."""
+    return aligned(math.prod(shape) * itemsize) // itemsize
 
 
 class PeerWindows:
@@ -84,7 +84,7 @@ class PeerWindows:
     ) -> PeerWindows | None:
         """Every rank of `transport` calls it alike, with the same shapes; None on every rank where any rank
         could not export or map its window (the reason logged), so that all ranks take the same path."""
-        numel = sum(_aligned(math.prod(shape), dtype.itemsize) for shape in shapes)
+        numel = sum(_span(shape, dtype.itemsize) for shape in shapes)
         peers = [q for q in range(transport.world_size) if q != transport.rank]
         phase = "the peer windows' set-up (K/V puts)"
         local, handle, path, problem = None, None, None, ""

@@ -177,7 +177,7 @@ class PatchExchange:
         self._kv_transfer: DeferredExchange | None = None  # made with the layout (Note [deferred K/V])
         self._kv_awaited = -1  # the last K/V group this step waited for
         self._windows: PeerWindows | None = None  # Note [K/V puts]: made with the layout, None: through the slots
-        self._peer_kv: dict[int, dict[tuple, torch.Tensor]] = {}  # peer -> point -> that peer's K/V buffer
+        self._put_pairs: dict[tuple, list] = {}  # point -> (dst in a peer's window, own K/V block) per peer and block
         self._token = torch.zeros(1, dtype=torch.int32, device=device)  # the message behind a group's puts
         self._token_in = {q: torch.zeros_like(self._token) for q in self.peers}
 
@@ -240,11 +240,10 @@ class PatchExchange:
         """Before this exchange's buffers go (a new call signature, `remove`): the current stream waits for the K/V
         still in flight into or out of them; with peer windows the host waits too, so that no put is still queued
         when the mappings close (Note [K/V puts])."""
-        if self._kv_transfer is not None:
-            self._kv_transfer.await_received()
+        self.await_deferred()
         if self._windows is not None and self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        self._windows, self._peer_kv = None, {}
+        self._windows, self._put_pairs = None, {}
 
     def share(self, key: tuple, own: dict[str, torch.Tensor], fresh: bool, full_bytes: int = 0) -> tuple[dict, dict]:
         """Publish this rank's `own` region values at point `key`; return (own, others): own[region] is this
@@ -267,7 +266,7 @@ class PatchExchange:
                     dst.copy_(value)
         if fresh:
             if self.world > 1 and self.puts and set(own) == {"kv"}:  # Note [K/V puts], at the point
-                put(p for q in self.peers for p in zip(self._parts_at(q, key), _pieces("kv", own["kv"])))
+                put(self._put_pairs[key])
                 self.transport.exchange(
                     self.policy.step,
                     {q: [self._token] for q in self.peers},
@@ -333,18 +332,14 @@ class PatchExchange:
                 kv_groups.append(({q: [self._token] * tokens for q in self.peers},
                                   {q: [self._token_in[q]] * tokens for q in self.peers}, []))  # fmt: skip
             group_sends, group_recvs, puts = kv_groups[-1]
+            if self._windows is not None:
+                puts += self._put_pairs[key]
+                continue
             own = _pieces("kv", whole[:, :, self.rank])
             for q in self.peers:
-                if self._windows is not None:
-                    puts += zip(self._parts_at(q, key), own)
-                else:
-                    group_sends[q] += own  # every peer gets the same own K/V
-                    group_recvs[q] += _pieces("kv", whole[:, :, q])
+                group_sends[q] += own  # every peer gets the same own K/V
+                group_recvs[q] += _pieces("kv", whole[:, :, q])
         return sends, recvs, kv_groups
-
-    def _parts_at(self, peer: int, key: tuple) -> list[torch.Tensor]:
-        """This rank's K/V part of point `key` in `peer`'s window, as contiguous blocks (Note [K/V puts])."""
-        return _pieces("kv", self._peer_kv[peer][key][:, :, self.rank])
 
     # ---- layout -----------------------------------------------------------------------------------------------------
     def _register(self, key: tuple, own: dict[str, torch.Tensor], full_bytes: int) -> None:
@@ -381,8 +376,10 @@ class PatchExchange:
         windows = self._kv_windows([self.entries[key]["kv"] for key in kv_keys])
         for i, key in enumerate(kv_keys):
             self._kv[key] = self._whole_kv(key, self.entries[key]["kv"], windows.local[i] if windows else None)
-        if windows is not None:
-            self._peer_kv = {q: dict(zip(kv_keys, windows.remote[q])) for q in self.peers}
+        for i, key in enumerate(kv_keys if windows is not None else ()):  # made once: the buffers never move
+            own = _pieces("kv", self._kv[key][:, :, self.rank])
+            theirs = [_pieces("kv", windows.remote[q][i][:, :, self.rank]) for q in self.peers]
+            self._put_pairs[key] = [pair for blocks in theirs for pair in zip(blocks, own)]
         groups = kv_runs([entries["kv"].numel for entries in self.entries.values() if "kv" in entries], self.kv_groups)
         self._kv_group = dict(zip(self._kv, groups))
         self._kv_transfer = DeferredExchange(self.transport, self.device, overlap_enabled(), max(groups, default=0) + 1)
